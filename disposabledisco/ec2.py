@@ -1,0 +1,285 @@
+"""The EC2 gateway: the only module that talks to EC2 (and the only boto3 user).
+
+Reads are few and cheap by construction: one paginated, tag-filtered describe for spot
+requests and one for instances per pass, plus a describe by id only for instances that
+were fulfilled but not tagged yet. Creates carry their tags and a ClientToken in the
+creating call. Eventual-consistency `NotFound` answers right after a create are retried,
+never taken to mean "missing".
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from .cluster import TAG_GROUP
+from .config import Config
+
+FILTER_CHUNK = 200
+NOT_FOUND_CODES = ("InvalidInstanceID.NotFound", "InvalidSpotInstanceRequestID.NotFound")
+WATCHED_INSTANCE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
+
+HINTS = {
+    "InvalidAMIID.NotFound": "AMI {ami} does not exist in {region}: set AMI to an image of that "
+                             "region",
+    "InvalidAMIID.Malformed": "AMI {ami} is not a valid image id: set AMI to an id like "
+                              "ami-0123456789abcdef0",
+    "InvalidAMIID.Unavailable": "AMI {ami} is not available: pick another AMI",
+    "InvalidKeyPair.NotFound": "key pair {key} does not exist in {region}: import your public "
+                               "key there or fix KEY_NAME",
+    "InvalidGroup.NotFound": "a security group in SECURITY_GROUPS does not exist in {region}",
+    "InvalidSubnetID.NotFound": "SUBNET_ID does not exist in {region}",
+    "AuthFailure": "AWS rejected the credentials: check AWS_PROFILE or the environment",
+    "UnauthorizedOperation": "the credentials may not call this EC2 action: grant it in IAM",
+    "MaxSpotInstanceCountExceeded": "the account's spot instance limit is reached: lower "
+                                    "NUM_SLAVES or ask AWS for a higher limit",
+    "InsufficientInstanceCapacity": "EC2 has no capacity for this type now: try another type "
+                                    "or zone, or run again later",
+    "SpotMaxPriceTooLow": "MAX_BID is below the current spot price: raise MAX_BID",
+    "RequestLimitExceeded": "EC2 throttled the calls even after retries: run again later",
+    "InvalidParameterValue": "EC2 rejected a parameter: check the config values named in the "
+                             "message",
+    "IdempotentParameterMismatch": "a retried create differed from the original: run again",
+}
+
+
+class AwsError(Exception):
+    """An EC2 call failed: one line with the AWS error code and what to do."""
+
+    def __init__(self, code: str, message: str, hint: str = "") -> None:
+        self.code = code
+        text = f"EC2 {code}: {message}"
+        super().__init__(f"{text} ({hint})" if hint else text)
+
+
+@dataclass(frozen=True)
+class Observation:
+    requests: list[dict]
+    instances: list[dict]
+
+
+def make_session(config: Config) -> boto3.session.Session:
+    """A session from the config, else the standard credential chain (env, profile, role)."""
+    kwargs: dict[str, Any] = {}
+    if config["AWS_ACCESS"]:
+        kwargs.update(aws_access_key_id=config["AWS_ACCESS"],
+                      aws_secret_access_key=config["AWS_SECRET"])
+    if config["AWS_PROFILE"]:
+        kwargs["profile_name"] = config["AWS_PROFILE"]
+    return boto3.session.Session(**kwargs)
+
+
+def make_client(config: Config, session: boto3.session.Session | None = None) -> Any:
+    """An EC2 client with throttling retries; AWS_ENDPOINT_URL_EC2 is honoured by botocore."""
+    session = session or make_session(config)
+    region = config["REGION"] or session.region_name or "us-east-1"
+    retries = BotoConfig(retries={"max_attempts": 10, "mode": "standard"},
+                         user_agent_extra="disposabledisco")
+    kwargs: dict[str, Any] = {"region_name": region, "config": retries}
+    if config["ENDPOINT_URL"]:
+        kwargs["endpoint_url"] = config["ENDPOINT_URL"]
+    return session.client("ec2", **kwargs)
+
+
+def _chunks(items: list[str], size: int = FILTER_CHUNK) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class Ec2Gateway:
+    """Every EC2 call of the tool, with errors turned into `AwsError` lines."""
+
+    def __init__(self, config: Config, client: Any = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.config = config
+        self._client = client
+        self._sleep = sleep
+        self._vcpus: dict[str, int] = {}
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = make_client(self.config)
+        return self._client
+
+    @property
+    def region(self) -> str:
+        return self.client.meta.region_name
+
+    # -- reads -------------------------------------------------------------------------
+
+    def observe(self) -> Observation:
+        """All spot requests and live instances carrying the cluster's tag key."""
+        tag_filter = {"Name": "tag-key", "Values": [self.config.tag_key]}
+        requests = self._paged("describe_spot_instance_requests", "SpotInstanceRequests",
+                               Filters=[tag_filter])
+        instances = self._instances(Filters=[
+            tag_filter, {"Name": "instance-state-name", "Values": WATCHED_INSTANCE_STATES}])
+        known = {i["InstanceId"] for i in instances}
+        untagged = sorted({r["InstanceId"] for r in requests
+                           if r.get("InstanceId") and r["InstanceId"] not in known})
+        for chunk in _chunks(untagged):
+            instances += self._instances(Filters=[
+                {"Name": "instance-id", "Values": chunk},
+                {"Name": "instance-state-name", "Values": WATCHED_INSTANCE_STATES}])
+        return Observation(requests, instances)
+
+    def _instances(self, **kwargs: Any) -> list[dict]:
+        reservations = self._paged("describe_instances", "Reservations", **kwargs)
+        return [i for r in reservations for i in r["Instances"]]
+
+    def _paged(self, operation: str, key: str, **kwargs: Any) -> list[dict]:
+        items: list[dict] = []
+        with self._errors():
+            for page in self.client.get_paginator(operation).paginate(**kwargs):
+                items.extend(page.get(key, []))
+        return items
+
+    def vcpus(self, instance_types: set[str]) -> dict[str, int]:
+        """Default vCPU count per instance type, asked once per type (no hard-coded table)."""
+        wanted = sorted(set(instance_types) - set(self._vcpus))
+        for chunk in _chunks(wanted, 100):
+            for item in self._paged("describe_instance_types", "InstanceTypes",
+                                    InstanceTypes=chunk):
+                self._vcpus[item["InstanceType"]] = item["VCpuInfo"]["DefaultVCpus"]
+        return {t: self._vcpus[t] for t in instance_types if t in self._vcpus}
+
+    def console_output(self, instance_id: str) -> str:
+        """The instance's console text (host key fingerprints for HOST_KEY_POLICY console)."""
+        with self._errors():
+            answer = self.client.get_console_output(InstanceId=instance_id, Latest=True)
+        text = answer.get("Output") or ""
+        try:
+            return base64.b64decode(text).decode("utf-8", "replace")
+        except ValueError:
+            return text
+
+    # -- writes ------------------------------------------------------------------------
+
+    def launch(self, role: str, group: str, instance_type: str, count: int, market: str,
+               bid: float | None, token: str) -> list[str]:
+        """Create `count` instances of one group in one call; returns request or instance ids."""
+        tags = [{"Key": self.config.tag_key, "Value": role}, {"Key": TAG_GROUP, "Value": group}]
+        if market == "spot":
+            return self._request_spot(instance_type, count, bid, token, tags)
+        return self._run_on_demand(instance_type, count, token, tags)
+
+    def _launch_spec(self, instance_type: str) -> dict[str, Any]:
+        config = self.config
+        spec: dict[str, Any] = {"ImageId": config["AMI"], "InstanceType": instance_type,
+                                "KeyName": config["KEY_NAME"]}
+        groups = list(config["SECURITY_GROUPS"] or [])
+        ids = [g for g in groups if g.startswith("sg-")]
+        names = [g for g in groups if not g.startswith("sg-")]
+        if ids:
+            spec["SecurityGroupIds"] = ids
+        if names:
+            spec["SecurityGroups"] = names
+        if config["SUBNET_ID"]:
+            spec["SubnetId"] = config["SUBNET_ID"]
+        if config["AVAILABILITY_ZONE"]:
+            spec["Placement"] = {"AvailabilityZone": config["AVAILABILITY_ZONE"]}
+        profile = config["IAM_INSTANCE_PROFILE"]
+        if profile:
+            spec["IamInstanceProfile"] = ({"Arn": profile} if profile.startswith("arn:")
+                                          else {"Name": profile})
+        return spec
+
+    def _request_spot(self, instance_type: str, count: int, bid: float | None, token: str,
+                      tags: list[dict]) -> list[str]:
+        kwargs: dict[str, Any] = {
+            "InstanceCount": count, "Type": self.config["SPOT_REQUEST_TYPE"],
+            "ClientToken": token, "LaunchSpecification": self._launch_spec(instance_type),
+            "TagSpecifications": [{"ResourceType": "spot-instances-request", "Tags": tags}]}
+        if bid is not None:
+            kwargs["SpotPrice"] = f"{bid:.4f}".rstrip("0").rstrip(".")
+        with self._errors():
+            answer = self.client.request_spot_instances(**kwargs)
+        return [r["SpotInstanceRequestId"] for r in answer["SpotInstanceRequests"]]
+
+    def _run_on_demand(self, instance_type: str, count: int, token: str,
+                       tags: list[dict]) -> list[str]:
+        spec = self._launch_spec(instance_type)
+        placement = spec.pop("Placement", None)
+        kwargs: dict[str, Any] = {
+            **spec, "MinCount": count, "MaxCount": count, "ClientToken": token,
+            "TagSpecifications": [{"ResourceType": kind, "Tags": tags}
+                                  for kind in ("instance", "volume")]}
+        if placement:
+            kwargs["Placement"] = placement
+        with self._errors():
+            answer = self.client.run_instances(**kwargs)
+        return [i["InstanceId"] for i in answer["Instances"]]
+
+    def tag(self, instance_ids: list[str], tags: Mapping[str, str]) -> None:
+        """Tag many instances in one call per 1000; retried while new ids are not visible."""
+        tag_list = [{"Key": k, "Value": v} for k, v in tags.items()]
+        for chunk in _chunks(list(instance_ids), 1000):
+            self._retry_not_found(lambda c=chunk: self.client.create_tags(
+                Resources=c, Tags=tag_list))
+
+    def cancel(self, request_ids: list[str]) -> None:
+        for chunk in _chunks(list(request_ids)):
+            self._retry_not_found(lambda c=chunk: self.client.cancel_spot_instance_requests(
+                SpotInstanceRequestIds=c))
+
+    def terminate(self, instance_ids: list[str]) -> None:
+        for chunk in _chunks(list(instance_ids), 1000):
+            self._retry_not_found(lambda c=chunk: self.client.terminate_instances(
+                InstanceIds=c))
+
+    def _retry_not_found(self, call: Callable[[], Any], deadline_seconds: float = 60) -> Any:
+        """Right after a create, EC2 may not know the new id yet: back off and ask again."""
+        deadline = time.monotonic() + deadline_seconds
+        delay = 0.5
+        while True:
+            try:
+                with self._errors():
+                    return call()
+            except AwsError as error:
+                if error.code not in NOT_FOUND_CODES or time.monotonic() + delay > deadline:
+                    raise
+            self._sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 8)
+
+    def _errors(self) -> _ErrorTranslator:
+        return _ErrorTranslator(self.config, self)
+
+
+class _ErrorTranslator:
+    """Turns botocore exceptions into one-line `AwsError`s with the code and a hint."""
+
+    def __init__(self, config: Config, gateway: Ec2Gateway) -> None:
+        self.config = config
+        self.gateway = gateway
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, _tb: Any) -> bool:
+        if error is None:
+            return False
+        if isinstance(error, ClientError):
+            info = error.response.get("Error", {})
+            code = info.get("Code", "Unknown")
+            message = info.get("Message", str(error)).strip().rstrip(".")
+            hint = HINTS.get(code, "")
+            if hint:
+                hint = hint.format(ami=self.config["AMI"], key=self.config["KEY_NAME"],
+                                   region=self.config["REGION"] or "the region")
+            raise AwsError(code, message, hint) from None
+        if isinstance(error, NoCredentialsError):
+            raise AwsError("NoCredentials", "no AWS credentials found",
+                           "set AWS_PROFILE, the AWS_* environment variables, or run on an "
+                           "instance with a role") from None
+        if isinstance(error, BotoCoreError):
+            raise AwsError(type(error).__name__, str(error)) from None
+        return False

@@ -1,0 +1,299 @@
+"""The planner: a pure diff of the config and the observed cluster into ordered actions.
+
+No I/O happens here, so every decision (what to bid for, what to cancel, which slave to
+give up first) is a table-testable function of its inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+
+from .cluster import TAG_BOOTSTRAP, TAG_HOSTS, TAG_JOINED, Cluster, Node, keep_order
+from .config import Config, GroupSpec
+from .disco import membership_digest
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of a pass. `reason` says why, in words a user reads in the report."""
+
+    reason: str
+
+    @property
+    def mutates_ec2(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TagInstances(Action):
+    instance_ids: tuple[str, ...]
+    role: str
+    group: str
+
+    def describe(self) -> str:
+        return f"tag {len(self.instance_ids)} {self.role} instance(s) {', '.join(self.instance_ids)}"
+
+
+@dataclass(frozen=True)
+class CancelRequests(Action):
+    request_ids: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"cancel spot request(s) {', '.join(self.request_ids)}"
+
+
+@dataclass(frozen=True)
+class Terminate(Action):
+    instance_ids: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"terminate {', '.join(self.instance_ids)}"
+
+
+@dataclass(frozen=True)
+class Launch(Action):
+    """Create `count` instances of a group: a spot request, or on-demand instances."""
+
+    role: str
+    group: str
+    instance_type: str
+    count: int
+    market: str
+    bid: float | None
+    token: str
+
+    def describe(self) -> str:
+        what = f"bid {self.bid:g} USD/h for" if self.market == "spot" else "launch on-demand"
+        return f"{what} {self.count} × {self.instance_type} ({self.role})"
+
+
+@dataclass(frozen=True)
+class NodeAction(Action):
+    """Work on the machines themselves (SSH), not on EC2."""
+
+    @property
+    def mutates_ec2(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class Bootstrap(NodeAction):
+    instance_ids: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"bootstrap {', '.join(self.instance_ids)}"
+
+
+@dataclass(frozen=True)
+class Join(NodeAction):
+    master_id: str
+    slave_ids: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"join {', '.join(self.slave_ids)} to master {self.master_id}"
+
+
+@dataclass(frozen=True)
+class ApplyMembership(NodeAction):
+    """Hosts files and Disco's host table on the master, for the given members."""
+
+    master_id: str
+    member_ids: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"update host table on {self.master_id}: {len(self.member_ids)} host(s)"
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    problems: tuple[str, ...] = ()
+
+    @property
+    def ec2_actions(self) -> tuple[Action, ...]:
+        return tuple(a for a in self.actions if a.mutates_ec2)
+
+
+def client_token(tag_key: str, group: GroupSpec, count: int, market: str, cluster: Cluster,
+                 now: datetime) -> str:
+    """An idempotency token derived from what this pass saw.
+
+    A pass that crashes after a create and runs again before EC2 lists the new request sees
+    the same cluster and so sends the same token: EC2 answers with the original request
+    instead of bidding twice. Any change in what exists, or the next hour, gives a new token.
+    """
+    seen = sorted(n.key for n in cluster.of(group.role, group.name))
+    text = "|".join([tag_key, group.role, group.name, group.instance_type, str(count), market,
+                     now.strftime("%Y%m%d%H"), *seen])
+    return "dd-" + hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def plan(config: Config, cluster: Cluster, now: datetime) -> Plan:
+    """Everything one pass should do, in the order it must run."""
+    tags: list[Action] = []
+    cancels: list[str] = []
+    terminates: list[str] = []
+    launches: list[Action] = []
+    problems: list[str] = []
+    leaving: list[Node] = []
+    _tag_untagged(cluster, tags)
+    _clean_up_dead(cluster, cancels, terminates)
+    for group in (config.master, *config.slave_groups):
+        _size_group(config, cluster, group, now, cancels, terminates, launches, problems,
+                    leaving)
+    for name in sorted(cluster.groups("slave") - {g.name for g in config.slave_groups}):
+        gone_group = GroupSpec("slave", name, name, 0, None, 1, "spot")
+        _size_group(config, cluster, gone_group, now, cancels, terminates, launches, problems,
+                    leaving)
+    actions: list[Action] = list(tags)
+    master = cluster.master
+    if master in leaving:
+        master = None
+    removed_ready = [n for n in leaving if n.role == "slave" and n.state == "ready"]
+    if master and master.state == "ready" and removed_ready:
+        staying = [n for n in _ready_slaves(cluster) if n not in removed_ready]
+        actions.append(ApplyMembership(
+            "remove leaving slaves from Disco before terminating them",
+            master.instance_id, _ids([master, *staying])))
+    if cancels:
+        actions.append(CancelRequests("cancel before terminating or re-bidding",
+                                      tuple(dict.fromkeys(cancels))))
+    if terminates:
+        actions.append(Terminate("not wanted", tuple(dict.fromkeys(terminates))))
+    actions.extend(launches)
+    actions.extend(_node_work(cluster, master, leaving))
+    return Plan(tuple(actions), tuple(problems))
+
+
+def plan_down(cluster: Cluster) -> Plan:
+    """Teardown: cancel every request first (a persistent one would relaunch), then terminate."""
+    requests = tuple(n.request_id for n in cluster.nodes
+                     if n.request_id and n.request_state in ("open", "active"))
+    instances = tuple(n.instance_id for n in cluster.nodes if n.has_instance)
+    actions: list[Action] = []
+    if requests:
+        actions.append(CancelRequests("down: cancel every open or active request", requests))
+    if instances:
+        actions.append(Terminate("down: terminate every instance", instances))
+    return Plan(tuple(actions))
+
+
+def _ids(nodes: list[Node]) -> tuple[str, ...]:
+    return tuple(n.instance_id for n in nodes if n.instance_id)
+
+
+def _ready_slaves(cluster: Cluster) -> list[Node]:
+    return [n for n in cluster.of("slave") if n.state == "ready"]
+
+
+def _tag_untagged(cluster: Cluster, out: list[Action]) -> None:
+    """Instances launched by a spot request carry no tags until we put them there."""
+    pending: dict[tuple[str, str], list[str]] = {}
+    for node in cluster.nodes:
+        if node.has_instance and not node.instance_tagged:
+            pending.setdefault((node.role, node.group), []).append(node.instance_id)
+    for (role, group), ids in sorted(pending.items()):
+        out.append(TagInstances("fulfilled spot instance carries no cluster tag yet",
+                                tuple(ids), role, group))
+
+
+def _clean_up_dead(cluster: Cluster, cancels: list[str], terminates: list[str]) -> None:
+    """Requests and instances that count for nothing but could still cost or relaunch."""
+    for node in cluster.nodes:
+        if node.is_live:
+            continue
+        if node.request_id and node.request_state == "open":
+            cancels.append(node.request_id)  # open too long: cancel, then bid again
+        elif node.request_id and node.request_state == "active" and not node.has_instance:
+            cancels.append(node.request_id)  # its instance died; never let it relaunch
+        if node.instance_state in ("stopping", "stopped"):
+            if node.request_id and node.request_state in ("open", "active"):
+                cancels.append(node.request_id)
+            terminates.append(node.instance_id)
+
+
+def _blocked(config: Config, cluster: Cluster, group: GroupSpec) -> str | None:
+    """A failed bid with the same parameters would fail again: stop bidding, say why."""
+    for node in cluster.of(group.role, group.name):
+        failed = node.request_state == "failed" or node.status_code == "bad-parameters"
+        if failed and node.image_id == config["AMI"] and node.instance_type == group.instance_type:
+            return (f"EC2 rejected the {group.role} bid {node.request_id} for "
+                    f"{group.instance_type} as bad-parameters: check AMI, INSTANCE_TYPE, "
+                    f"KEY_NAME, SECURITY_GROUPS and SUBNET_ID; no new bids until they change")
+    return None
+
+
+def _size_group(config: Config, cluster: Cluster, group: GroupSpec, now: datetime,
+                cancels: list[str], terminates: list[str], launches: list[Action],
+                problems: list[str], leaving: list[Node]) -> None:
+    live = cluster.live(group.role, group.name)
+    if len(live) > group.count:
+        for node in _removal_order(live)[: len(live) - group.count]:
+            leaving.append(node)
+            if node.request_id and node.request_state in ("open", "active"):
+                cancels.append(node.request_id)
+            if node.has_instance:
+                terminates.append(node.instance_id)
+        return
+    missing = group.count - len(live)
+    if missing <= 0:
+        return
+    blocked = _blocked(config, cluster, group)
+    if blocked:
+        problems.append(blocked)
+        return
+    fallback = 0
+    if group.market == "spot" and config["SPOT_FALLBACK"] == "on-demand":
+        stale = [n for n in cluster.of(group.role, group.name)
+                 if n.request_state == "open" and not n.is_live]
+        fallback = min(missing, len(stale))
+    for market, count in (("on-demand", fallback), (group.market, missing - fallback)):
+        if count <= 0:
+            continue
+        why = ("no master" if group.role == "master"
+               else f"{len(live)} of {group.count} {group.name} slave(s) live")
+        if market == "on-demand" and group.market == "spot":
+            why += f"; spot bids open over {config['SPOT_OPEN_TIMEOUT_MINUTES']} min, " \
+                   "falling back to on-demand"
+        launches.append(Launch(
+            why, group.role, group.name, group.instance_type, count, market,
+            group.max_bid if market == "spot" else None,
+            client_token(config.tag_key, group, count, market, cluster, now)))
+
+
+def _removal_order(live: list[Node]) -> list[Node]:
+    """Give up open bids first, then nodes not ready yet, then the newest ready ones."""
+    def rank(node: Node) -> tuple:
+        age = node.age_reference.timestamp() if node.age_reference else float("inf")
+        return ({"open": 0, "pending": 1, "running": 1, "ready": 2}[node.state], -age, node.key)
+    return sorted(live, key=rank)
+
+
+def _node_work(cluster: Cluster, master: Node | None, leaving: list[Node]) -> list[Action]:
+    """Bootstrap what is running but not done, join slaves to the master, sync membership."""
+    staying = [n for n in cluster.nodes if n.is_live and n not in leaving]
+    running = [n for n in staying if n.state == "running"]
+    actions: list[Action] = []
+    to_bootstrap = [n for n in running if n.tags.get(TAG_BOOTSTRAP) is None
+                    or n.reason == "waiting for bootstrap"]
+    if to_bootstrap:
+        actions.append(Bootstrap("running but not bootstrapped with the current config",
+                                 _ids(to_bootstrap)))
+    if master is None or master.state not in ("running", "ready"):
+        return actions
+    slaves = [n for n in staying if n.role == "slave" and n.state in ("running", "ready")]
+    to_join = [n for n in slaves if n.tags.get(TAG_JOINED) != master.instance_id]
+    if to_join:
+        actions.append(Join("slave not yet joined to this master", master.instance_id,
+                            _ids(to_join)))
+    ready = [n for n in slaves if n.state == "ready"]
+    if actions or master.state != "ready" or \
+            master.tags.get(TAG_HOSTS) != membership_digest(master, ready):
+        actions.append(ApplyMembership("membership changed or not applied yet",
+                                       master.instance_id, _ids([master, *slaves])))
+    return actions

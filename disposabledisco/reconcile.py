@@ -1,0 +1,251 @@
+"""One reconcile pass: observe EC2 → plan → apply → report.
+
+Each action is applied on its own: one that fails is reported and the rest of the pass
+still runs. Node work (SSH) follows the EC2 actions and its results are recorded in
+instance tags, which is how the next pass knows a node is done without opening SSH.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
+
+from . import bootstrap
+from .cluster import (
+    TAG_BOOTSTRAP,
+    TAG_GROUP,
+    TAG_HOSTS,
+    TAG_JOINED,
+    Cluster,
+    Desired,
+    Node,
+    build_cluster,
+)
+from .config import Config
+from .disco import membership_digest
+from .ec2 import AwsError, Ec2Gateway
+from .plan import (
+    Action,
+    ApplyMembership,
+    Bootstrap,
+    CancelRequests,
+    Join,
+    Launch,
+    Plan,
+    TagInstances,
+    Terminate,
+    plan,
+    plan_down,
+)
+
+EXIT_CONVERGED = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+EXIT_PROGRESSING = 10
+EXIT_LOCKED = 75
+
+
+class NodeOutcome(Protocol):
+    ok: bool
+    error: str | None
+    log_tail: str | None
+
+
+class NodeWorker(Protocol):
+    """What the pass needs from the SSH side (see provision.Provisioner)."""
+
+    def bootstrap(self, nodes: list[Node]) -> dict[str, NodeOutcome]: ...
+
+    def join(self, master: Node, slaves: list[Node]) -> dict[str, NodeOutcome]: ...
+
+    def apply_membership(self, master: Node, members: list[Node]) -> NodeOutcome: ...
+
+
+@dataclass
+class ActionResult:
+    action: Action
+    ok: bool
+    detail: str = ""
+    skipped: bool = False
+    node_errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PassReport:
+    """What one pass saw, planned and did."""
+
+    cluster: Cluster
+    plan: Plan
+    results: list[ActionResult]
+    dry_run: bool = False
+    desired_slaves: int = 0
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.plan.problems) or any(not r.ok for r in self.results)
+
+    @property
+    def did_something(self) -> bool:
+        return any(r.ok and not r.skipped for r in self.results)
+
+    @property
+    def converged(self) -> bool:
+        """Nothing to do, and exactly the desired nodes are live and ready."""
+        live = [n for n in self.cluster.nodes if n.is_live]
+        slaves = [n for n in live if n.role == "slave"]
+        masters = [n for n in live if n.role == "master"]
+        work = [r for r in self.results if not r.skipped] if not self.dry_run else \
+            list(self.plan.actions)
+        return (not self.failed and not work and len(masters) == 1
+                and len(slaves) == self.desired_slaves
+                and all(n.state == "ready" for n in live))
+
+    @property
+    def exit_code(self) -> int:
+        if self.failed:
+            return EXIT_FAILED
+        return EXIT_CONVERGED if self.converged else EXIT_PROGRESSING
+
+
+def desired_state(config: Config) -> Desired:
+    return Desired(bootstrap={role: bootstrap.digest(config, role) for role in
+                              ("master", "slave")},
+                   open_timeout=timedelta(minutes=config["SPOT_OPEN_TIMEOUT_MINUTES"]))
+
+
+def observe(config: Config, ec2: Ec2Gateway, now: datetime | None = None) -> Cluster:
+    seen = ec2.observe()
+    return build_cluster(seen.requests, seen.instances, config.tag_key, desired_state(config),
+                         now or datetime.now(timezone.utc))
+
+
+def run_pass(config: Config, ec2: Ec2Gateway, nodes: NodeWorker | None, *,
+             dry_run: bool = False, down: bool = False,
+             now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> PassReport:
+    """Observe, plan and (unless dry_run) apply one pass."""
+    moment = now()
+    cluster = observe(config, ec2, moment)
+    the_plan = plan_down(cluster) if down else plan(config, cluster, moment)
+    report = PassReport(cluster, the_plan, [], dry_run,
+                        0 if down else sum(g.count for g in config.slave_groups))
+    if dry_run:
+        return report
+    applier = _Applier(config, ec2, nodes, cluster)
+    for action in the_plan.actions:
+        report.results.append(applier.apply(action))
+    return report
+
+
+class _Applier:
+    """Applies actions in order, tracking which nodes got done during this pass."""
+
+    def __init__(self, config: Config, ec2: Ec2Gateway, nodes: NodeWorker | None,
+                 cluster: Cluster) -> None:
+        self.config = config
+        self.ec2 = ec2
+        self.nodes = nodes
+        self.by_id = {n.instance_id: n for n in cluster.nodes if n.instance_id}
+        desired = desired_state(config).bootstrap
+        self.bootstrapped = {i for i, n in self.by_id.items()
+                             if n.tags.get(TAG_BOOTSTRAP) == desired.get(n.role)}
+        self.joined = {i: n.tags.get(TAG_JOINED) for i, n in self.by_id.items()}
+        self.digests = desired
+
+    def apply(self, action: Action) -> ActionResult:
+        handler = getattr(self, "_" + type(action).__name__)
+        try:
+            return handler(action)
+        except AwsError as error:
+            return ActionResult(action, False, str(error))
+
+    # -- EC2 ---------------------------------------------------------------------------
+
+    def _TagInstances(self, action: TagInstances) -> ActionResult:
+        self.ec2.tag(list(action.instance_ids),
+                     {self.config.tag_key: action.role, TAG_GROUP: action.group})
+        return ActionResult(action, True)
+
+    def _CancelRequests(self, action: CancelRequests) -> ActionResult:
+        self.ec2.cancel(list(action.request_ids))
+        return ActionResult(action, True)
+
+    def _Terminate(self, action: Terminate) -> ActionResult:
+        self.ec2.terminate(list(action.instance_ids))
+        return ActionResult(action, True)
+
+    def _Launch(self, action: Launch) -> ActionResult:
+        ids = self.ec2.launch(action.role, action.group, action.instance_type, action.count,
+                              action.market, action.bid, action.token)
+        return ActionResult(action, True, ", ".join(ids))
+
+    # -- nodes -------------------------------------------------------------------------
+
+    def _no_ssh(self, action: Action) -> ActionResult | None:
+        if self.nodes is None:
+            return ActionResult(action, True, "node work is off for this pass", skipped=True)
+        return None
+
+    def _Bootstrap(self, action: Bootstrap) -> ActionResult:
+        if (skip := self._no_ssh(action)) is not None:
+            return skip
+        targets = [self.by_id[i] for i in action.instance_ids]
+        outcomes = self.nodes.bootstrap(targets)
+        done = [i for i, o in outcomes.items() if o.ok]
+        for role in ("master", "slave"):
+            ids = [i for i in done if self.by_id[i].role == role]
+            if ids:
+                self.ec2.tag(ids, {TAG_BOOTSTRAP: self.digests[role]})
+        self.bootstrapped.update(done)
+        return _node_result(action, outcomes)
+
+    def _Join(self, action: Join) -> ActionResult:
+        if (skip := self._no_ssh(action)) is not None:
+            return skip
+        if action.master_id not in self.bootstrapped:
+            return ActionResult(action, True, "master not bootstrapped yet", skipped=True)
+        slaves = [self.by_id[i] for i in action.slave_ids if i in self.bootstrapped]
+        if not slaves:
+            return ActionResult(action, True, "no bootstrapped slave to join", skipped=True)
+        outcomes = self.nodes.join(self.by_id[action.master_id], slaves)
+        done = [i for i, o in outcomes.items() if o.ok]
+        if done:
+            self.ec2.tag(done, {TAG_JOINED: action.master_id})
+        self.joined.update({i: action.master_id for i in done})
+        return _node_result(action, outcomes)
+
+    def _ApplyMembership(self, action: ApplyMembership) -> ActionResult:
+        if (skip := self._no_ssh(action)) is not None:
+            return skip
+        master = self.by_id[action.master_id]
+        if action.master_id not in self.bootstrapped:
+            return ActionResult(action, True, "master not bootstrapped yet", skipped=True)
+        slaves = [self.by_id[i] for i in action.member_ids if i != action.master_id
+                  and i in self.bootstrapped and self.joined.get(i) == action.master_id]
+        digest = membership_digest(master, slaves)
+        if master.tags.get(TAG_HOSTS) == digest:
+            return ActionResult(action, True, "host table already current", skipped=True)
+        outcome = self.nodes.apply_membership(master, [master, *slaves])
+        if not outcome.ok:
+            return ActionResult(action, False, outcome.error or "failed",
+                                node_errors={action.master_id: _tail(outcome)})
+        self.ec2.tag([action.master_id], {TAG_HOSTS: digest})
+        self.by_id[action.master_id] = _with_tag(master, TAG_HOSTS, digest)
+        return ActionResult(action, True, f"{1 + len(slaves)} host(s)")
+
+
+def _with_tag(node: Node, key: str, value: str) -> Node:
+    return replace(node, tags={**node.tags, key: value})
+
+
+def _tail(outcome: Any) -> str:
+    return (outcome.error or "failed") + (
+        "\n" + outcome.log_tail if getattr(outcome, "log_tail", None) else "")
+
+
+def _node_result(action: Action, outcomes: dict[str, Any]) -> ActionResult:
+    errors = {i: _tail(o) for i, o in outcomes.items() if not o.ok}
+    done = len(outcomes) - len(errors)
+    detail = f"{done} of {len(outcomes)} done"
+    return ActionResult(action, not errors, detail, node_errors=errors)
