@@ -69,7 +69,7 @@ class Node:
 
     @property
     def is_live(self) -> bool:
-        """Counts towards the desired size: it exists, or is a bid that is still worth waiting for."""
+        """Counts towards the desired size: it exists, or is a bid still worth waiting for."""
         return self.state in ("open", "pending", "running", "ready")
 
     @property

@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
-from .cluster import TAG_BOOTSTRAP, TAG_HOSTS, TAG_JOINED, Cluster, Node, keep_order
+from .cluster import TAG_BOOTSTRAP, TAG_HOSTS, TAG_JOINED, Cluster, Node
 from .config import Config, GroupSpec
 from .disco import membership_digest
 
@@ -36,7 +36,8 @@ class TagInstances(Action):
     group: str
 
     def describe(self) -> str:
-        return f"tag {len(self.instance_ids)} {self.role} instance(s) {', '.join(self.instance_ids)}"
+        ids = ", ".join(self.instance_ids)
+        return f"tag {len(self.instance_ids)} {self.role} instance(s) {ids}"
 
 
 @dataclass(frozen=True)

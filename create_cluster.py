@@ -1,0 +1,18 @@
+#!/usr/bin/env python3
+"""Converge the cluster to a config: `python create_cluster.py config.json [--wait] [--dry-run]`.
+
+The same as `disposabledisco up config.json`; works from a checkout without installing.
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    import disposabledisco  # noqa: F401
+except ImportError:  # running from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from disposabledisco.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(["up", *sys.argv[1:]]))
