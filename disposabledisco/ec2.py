@@ -24,6 +24,7 @@ from .cluster import TAG_GROUP
 from .config import Config
 
 FILTER_CHUNK = 200
+PAGE_SIZE = 1000
 NOT_FOUND_CODES = ("InvalidInstanceID.NotFound", "InvalidSpotInstanceRequestID.NotFound")
 WATCHED_INSTANCE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 
@@ -139,7 +140,9 @@ class Ec2Gateway:
     def _paged(self, operation: str, key: str, **kwargs: Any) -> list[dict]:
         items: list[dict] = []
         with self._errors():
-            for page in self.client.get_paginator(operation).paginate(**kwargs):
+            pages = self.client.get_paginator(operation).paginate(
+                **kwargs, PaginationConfig={"PageSize": PAGE_SIZE})
+            for page in pages:
                 items.extend(page.get(key, []))
         return items
 
@@ -147,8 +150,9 @@ class Ec2Gateway:
         """Default vCPU count per instance type, asked once per type (no hard-coded table)."""
         wanted = sorted(set(instance_types) - set(self._vcpus))
         for chunk in _chunks(wanted, 100):
-            for item in self._paged("describe_instance_types", "InstanceTypes",
-                                    InstanceTypes=chunk):
+            with self._errors():
+                answer = self.client.describe_instance_types(InstanceTypes=chunk)
+            for item in answer["InstanceTypes"]:
                 self._vcpus[item["InstanceType"]] = item["VCpuInfo"]["DefaultVCpus"]
         return {t: self._vcpus[t] for t in instance_types if t in self._vcpus}
 

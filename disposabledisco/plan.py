@@ -167,7 +167,7 @@ def plan(config: Config, cluster: Cluster, now: datetime) -> Plan:
     if terminates:
         actions.append(Terminate("not wanted", tuple(dict.fromkeys(terminates))))
     actions.extend(launches)
-    actions.extend(_node_work(cluster, master, leaving))
+    actions.extend(_node_work(cluster, master, leaving, multipliers(config)))
     return Plan(tuple(actions), tuple(problems))
 
 
@@ -275,7 +275,13 @@ def _removal_order(live: list[Node]) -> list[Node]:
     return sorted(live, key=rank)
 
 
-def _node_work(cluster: Cluster, master: Node | None, leaving: list[Node]) -> list[Action]:
+def multipliers(config: Config) -> dict[str, int]:
+    """Worker multiplier per group name, as the host table digest needs them."""
+    return {g.name: g.multiplier for g in (config.master, *config.slave_groups)}
+
+
+def _node_work(cluster: Cluster, master: Node | None, leaving: list[Node],
+               group_multipliers: dict[str, int]) -> list[Action]:
     """Bootstrap what is running but not done, join slaves to the master, sync membership."""
     staying = [n for n in cluster.nodes if n.is_live and n not in leaving]
     running = [n for n in staying if n.state == "running"]
@@ -294,7 +300,7 @@ def _node_work(cluster: Cluster, master: Node | None, leaving: list[Node]) -> li
                             _ids(to_join)))
     ready = [n for n in slaves if n.state == "ready"]
     if actions or master.state != "ready" or \
-            master.tags.get(TAG_HOSTS) != membership_digest(master, ready):
+            master.tags.get(TAG_HOSTS) != membership_digest(master, ready, group_multipliers):
         actions.append(ApplyMembership("membership changed or not applied yet",
                                        master.instance_id, _ids([master, *slaves])))
     return actions

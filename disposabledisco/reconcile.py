@@ -36,6 +36,7 @@ from .plan import (
     Plan,
     TagInstances,
     Terminate,
+    multipliers,
     plan,
     plan_down,
 )
@@ -223,7 +224,7 @@ class _Applier:
             return ActionResult(action, True, "master not bootstrapped yet", skipped=True)
         slaves = [self.by_id[i] for i in action.member_ids if i != action.master_id
                   and i in self.bootstrapped and self.joined.get(i) == action.master_id]
-        digest = membership_digest(master, slaves)
+        digest = membership_digest(master, slaves, multipliers(self.config))
         if master.tags.get(TAG_HOSTS) == digest:
             return ActionResult(action, True, "host table already current", skipped=True)
         outcome = self.nodes.apply_membership(master, [master, *slaves])

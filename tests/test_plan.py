@@ -1,0 +1,336 @@
+"""The planner, table-driven: situations in, exact actions out (no EC2, no SSH)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from disposabledisco.cluster import (
+    TAG_BOOTSTRAP,
+    TAG_GROUP,
+    TAG_HOSTS,
+    TAG_JOINED,
+    Cluster,
+    Node,
+)
+from disposabledisco.config import parse_config
+from disposabledisco.disco import membership_digest
+from disposabledisco.plan import (
+    ApplyMembership,
+    Bootstrap,
+    CancelRequests,
+    Join,
+    Launch,
+    TagInstances,
+    Terminate,
+    client_token,
+    multipliers,
+    plan,
+    plan_down,
+)
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+BASE = {"AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "TAG_KEY": "dd",
+        "INSTANCE_TYPE": "m5.large", "NUM_SLAVES": 3, "MAX_BID": "0.10"}
+_ips = iter(range(10, 250))
+
+
+def config(**overrides):
+    values = {**BASE, **overrides}
+    return parse_config({k: v for k, v in values.items() if v is not None})
+
+
+def node(role="slave", state="ready", *, group=None, minutes_old=60, request="auto",
+         instance=True, **fields) -> Node:
+    """A node as the cluster model would derive it."""
+    number = next(_ips)
+    group = group or ("master" if role == "master" else "m5.large")
+    created = NOW - timedelta(minutes=minutes_old)
+    iid = f"i-{number:017x}" if instance and state not in ("open",) else None
+    rid = f"sir-{number:08x}" if request == "auto" else request
+    tags = {"dd": role, TAG_GROUP: group}
+    if state == "ready":
+        tags[TAG_BOOTSTRAP] = "done"
+    base = dict(role=role, group=group, instance_type=fields.pop("instance_type", "m5.large"),
+                request_id=rid, request_state="open" if state == "open" else "active",
+                request_type="one-time", status_code="fulfilled" if iid else
+                "pending-evaluation", bid=0.1, image_id=BASE["AMI"], created=created,
+                instance_id=iid, instance_state={"ready": "running", "running": "running",
+                                                 "pending": "pending"}.get(state),
+                launched=created if iid else None,
+                private_ip=f"10.0.0.{number}" if iid else None, tags=tags,
+                instance_tagged=bool(iid), state=state, reason=state)
+    base.update(fields)
+    return Node(**base)
+
+
+def converged(cfg, slaves: list[Node], master: Node | None = None) -> Cluster:
+    master = master or node("master")
+    slaves = [replace(s, tags={**s.tags, TAG_JOINED: master.instance_id}) for s in slaves]
+    ready = [s for s in slaves if s.state == "ready"]
+    master = replace(master, tags={**master.tags, TAG_HOSTS: membership_digest(
+        master, ready, multipliers(cfg))})
+    return Cluster((master, *slaves))
+
+
+def kinds(the_plan) -> list[str]:
+    return [type(a).__name__ for a in the_plan.actions]
+
+
+def launches(the_plan) -> list[tuple]:
+    return [(a.role, a.group, a.count, a.market) for a in the_plan.actions
+            if isinstance(a, Launch)]
+
+
+def only(the_plan, kind):
+    found = [a for a in the_plan.actions if isinstance(a, kind)]
+    assert len(found) == 1, kinds(the_plan)
+    return found[0]
+
+
+# ---------------------------------------------------------------------------------------
+
+def test_empty_account_bids_for_master_first_then_one_request_per_group():
+    p = plan(config(), Cluster(()), NOW)
+    assert launches(p) == [("master", "master", 1, "spot"), ("slave", "m5.large", 3, "spot")]
+    assert p.problems == ()
+
+
+def test_on_demand_master():
+    p = plan(config(MASTER_MARKET="on-demand"), Cluster(()), NOW)
+    assert launches(p)[0] == ("master", "master", 1, "on-demand")
+    assert [a.bid for a in p.actions if isinstance(a, Launch)] == [None, 0.1]
+
+
+def test_converged_cluster_needs_nothing():
+    cfg = config()
+    p = plan(cfg, converged(cfg, [node() for _ in range(3)]), NOW)
+    assert p.actions == ()
+
+
+def test_scale_up_three_to_five_bids_for_two_in_one_request():
+    cfg = config(NUM_SLAVES=5)
+    p = plan(cfg, converged(cfg, [node() for _ in range(3)]), NOW)
+    assert launches(p) == [("slave", "m5.large", 2, "spot")]
+
+
+def test_scale_down_five_to_one_removes_newest_ready_and_updates_table_first():
+    cfg = config(NUM_SLAVES=1)
+    slaves = [node(minutes_old=100 - i) for i in range(5)]
+    p = plan(cfg, converged(cfg, slaves), NOW)
+    assert kinds(p)[:3] == ["ApplyMembership", "CancelRequests", "Terminate"]
+    kept = slaves[0].instance_id
+    assert set(only(p, Terminate).instance_ids) == {s.instance_id for s in slaves[1:]}
+    assert kept in only(p, ApplyMembership).member_ids
+    assert not set(only(p, ApplyMembership).member_ids) & set(only(p, Terminate).instance_ids)
+
+
+def test_scale_down_cancels_open_bids_before_touching_instances():
+    cfg = config(NUM_SLAVES=2)
+    slaves = [node(), node(), node(state="open"), node(state="open")]
+    p = plan(cfg, converged(cfg, slaves), NOW)
+    assert set(only(p, CancelRequests).request_ids) == {s.request_id for s in slaves[2:]}
+    assert not any(isinstance(a, Terminate) for a in p.actions)
+
+
+def test_scale_down_gives_up_not_ready_before_ready():
+    cfg = config(NUM_SLAVES=2)
+    ready_old, ready_new = node(minutes_old=50), node(minutes_old=5)
+    booting = node(state="running", minutes_old=90)
+    p = plan(cfg, converged(cfg, [ready_old, ready_new, booting]), NOW)
+    assert only(p, Terminate).instance_ids == (booting.instance_id,)
+
+
+def test_scale_to_zero_cancels_requests_then_terminates():
+    cfg = config(NUM_SLAVES=0)
+    slaves = [node(), node(state="open")]
+    p = plan(cfg, converged(cfg, slaves), NOW)
+    order = kinds(p)
+    assert order.index("CancelRequests") < order.index("Terminate")
+    assert set(only(p, CancelRequests).request_ids) == {s.request_id for s in slaves}
+
+
+def test_two_slave_groups_of_different_types():
+    groups = [{"INSTANCE_TYPE": "m5.large", "COUNT": 2},
+              {"INSTANCE_TYPE": "c5.xlarge", "COUNT": 3, "MAX_BID": "0.2"}]
+    p = plan(config(NUM_SLAVES=None, SLAVE_GROUPS=groups), Cluster(()), NOW)
+    assert launches(p)[1:] == [("slave", "m5.large", 2, "spot"), ("slave", "c5.xlarge", 3, "spot")]
+    assert [a.bid for a in p.actions if isinstance(a, Launch)][2] == 0.2
+
+
+def test_group_removed_from_config_is_scaled_to_zero():
+    groups = [{"INSTANCE_TYPE": "m5.large", "COUNT": 1}]
+    cfg = config(NUM_SLAVES=None, SLAVE_GROUPS=groups)
+    old = node(group="c5.xlarge", instance_type="c5.xlarge")
+    p = plan(cfg, converged(cfg, [node(), old]), NOW)
+    assert only(p, Terminate).instance_ids == (old.instance_id,)
+
+
+def test_fulfilled_untagged_instance_is_tagged_in_one_batch():
+    cfg = config()
+    fresh = [node(state="running", instance_tagged=False) for _ in range(3)]
+    p = plan(cfg, converged(cfg, fresh), NOW)
+    tag = only(p, TagInstances)
+    assert set(tag.instance_ids) == {n.instance_id for n in fresh}
+    assert (tag.role, tag.group) == ("slave", "m5.large")
+
+
+def test_stale_open_request_is_cancelled_and_rebid():
+    cfg = config(NUM_SLAVES=1)
+    stale = node(state="gone", request_state="open", instance=False, minutes_old=30,
+                 reason="open too long")
+    p = plan(cfg, converged(cfg, [stale]), NOW)
+    assert only(p, CancelRequests).request_ids == (stale.request_id,)
+    assert launches(p) == [("slave", "m5.large", 1, "spot")]
+
+
+def test_stale_open_request_falls_back_to_on_demand():
+    cfg = config(NUM_SLAVES=2, SPOT_FALLBACK="on-demand")
+    stale = node(state="gone", request_state="open", instance=False, minutes_old=30)
+    p = plan(cfg, converged(cfg, [stale]), NOW)
+    assert launches(p) == [("slave", "m5.large", 1, "on-demand"),
+                           ("slave", "m5.large", 1, "spot")]
+
+
+def test_open_request_within_timeout_counts_as_live():
+    cfg = config(NUM_SLAVES=2)
+    p = plan(cfg, converged(cfg, [node(), node(state="open", minutes_old=2)]), NOW)
+    assert launches(p) == []
+
+
+def test_bad_parameters_stop_bids_for_that_group():
+    cfg = config(NUM_SLAVES=1)
+    failed = node(state="gone", request_state="failed", status_code="bad-parameters",
+                  instance=False)
+    p = plan(cfg, converged(cfg, [failed]), NOW)
+    assert launches(p) == []
+    assert "bad-parameters" in p.problems[0] and "no new bids" in p.problems[0]
+
+
+def test_bad_parameters_with_an_older_ami_do_not_block_the_fixed_config():
+    cfg = config(NUM_SLAVES=1)
+    failed = node(state="gone", request_state="failed", status_code="bad-parameters",
+                  instance=False, image_id="ami-00000000")
+    p = plan(cfg, converged(cfg, [failed]), NOW)
+    assert launches(p) == [("slave", "m5.large", 1, "spot")]
+    assert p.problems == ()
+
+
+def test_two_live_masters_keep_the_older_ready_one():
+    cfg = config(NUM_SLAVES=0)
+    old = node("master", minutes_old=90)
+    new = node("master", state="running", minutes_old=1)
+    p = plan(cfg, Cluster((replace(old, tags={**old.tags, TAG_HOSTS: membership_digest(
+        old, [], multipliers(cfg))}), new)), NOW)
+    assert only(p, Terminate).instance_ids == (new.instance_id,)
+    assert launches(p) == []
+
+
+def test_interrupted_slave_is_replaced():
+    cfg = config(NUM_SLAVES=2)
+    lost = node(state="gone", request_state="closed", status_code="instance-terminated-by-price",
+                instance_state="terminated")
+    p = plan(cfg, converged(cfg, [node(), lost]), NOW)
+    assert launches(p) == [("slave", "m5.large", 1, "spot")]
+    assert not any(isinstance(a, (CancelRequests, Terminate)) for a in p.actions)
+
+
+def test_active_request_whose_instance_died_is_cancelled():
+    cfg = config(NUM_SLAVES=1)
+    dead = node(state="gone", instance_state="terminated")
+    p = plan(cfg, converged(cfg, [node(), dead]), NOW)
+    assert only(p, CancelRequests).request_ids == (dead.request_id,)
+
+
+def test_stopped_instance_is_terminated_and_its_request_cancelled():
+    cfg = config(NUM_SLAVES=1)
+    stopped = node(state="gone", instance_state="stopped", request_type="persistent")
+    p = plan(cfg, converged(cfg, [node(), stopped]), NOW)
+    assert only(p, CancelRequests).request_ids == (stopped.request_id,)
+    assert only(p, Terminate).instance_ids == (stopped.instance_id,)
+
+
+def test_running_nodes_get_bootstrapped_and_joined():
+    cfg = config(NUM_SLAVES=2)
+    fresh = [node(state="running"), node(state="running")]
+    p = plan(cfg, converged(cfg, fresh), NOW)
+    assert set(only(p, Bootstrap).instance_ids) == {n.instance_id for n in fresh}
+    assert set(only(p, Join).slave_ids) == {n.instance_id for n in fresh}
+    assert kinds(p)[-3:] == ["Bootstrap", "Join", "ApplyMembership"]
+
+
+def test_new_master_is_bootstrapped_and_slaves_rejoin_it():
+    cfg = config(NUM_SLAVES=2)
+    slaves = [replace(n, tags={**n.tags, TAG_JOINED: "i-oldmaster"}) for n in (node(), node())]
+    master = node("master", state="running")
+    p = plan(cfg, Cluster((master, *slaves)), NOW)
+    assert only(p, Bootstrap).instance_ids == (master.instance_id,)
+    assert set(only(p, Join).slave_ids) == {s.instance_id for s in slaves}
+    assert not any(isinstance(a, Terminate) for a in p.actions)
+
+
+def test_no_master_means_no_join_but_slaves_still_bootstrap():
+    cfg = config(NUM_SLAVES=1)
+    slave = node(state="running")
+    p = plan(cfg, Cluster((slave,)), NOW)
+    assert launches(p) == [("master", "master", 1, "spot")]
+    assert only(p, Bootstrap).instance_ids == (slave.instance_id,)
+    assert not any(isinstance(a, Join) for a in p.actions)
+
+
+def test_never_more_live_than_desired():
+    cfg = config(NUM_SLAVES=2)
+    slaves = [node(state="running"), node(state="running")] + [node(state="open")
+                                                               for _ in range(3)]
+    p = plan(cfg, converged(cfg, slaves), NOW)
+    assert set(only(p, CancelRequests).request_ids) == {s.request_id for s in slaves[2:]}
+    assert launches(p) == []
+
+
+def test_instance_not_visible_yet_counts_and_prevents_a_second_bid():
+    cfg = config(NUM_SLAVES=1)
+    invisible = node(state="pending", instance_state=None, reason="instance not visible yet")
+    p = plan(cfg, converged(cfg, [invisible]), NOW)
+    assert launches(p) == []
+
+
+def test_membership_change_is_planned_when_a_ready_slave_is_missing_from_the_table():
+    cfg = config(NUM_SLAVES=2)
+    cluster = converged(cfg, [node()])
+    extra = replace(node(), tags={**node().tags, TAG_JOINED: cluster.master.instance_id})
+    p = plan(cfg, Cluster((*cluster.nodes, extra)), NOW)
+    assert isinstance(p.actions[-1], ApplyMembership)
+    assert extra.instance_id in p.actions[-1].member_ids
+
+
+def test_down_cancels_everything_before_terminating():
+    nodes = (node("master"), node(), node(state="open"),
+             node(state="gone", request_state="closed", instance_state="terminated"))
+    p = plan_down(Cluster(nodes))
+    assert kinds(p) == ["CancelRequests", "Terminate"]
+    assert set(p.actions[0].request_ids) == {n.request_id for n in nodes[:3]}
+    assert set(p.actions[1].instance_ids) == {n.instance_id for n in nodes[:2]}
+
+
+def test_down_of_nothing_is_empty():
+    assert plan_down(Cluster(())).actions == ()
+
+
+@pytest.mark.parametrize("change", ["same", "new-node", "next-hour", "count"])
+def test_client_token_follows_what_was_observed(change):
+    cfg = config()
+    group = cfg.slave_groups[0]
+    cluster = Cluster((node(),))
+    base = client_token("dd", group, 2, "spot", cluster, NOW)
+    other = {
+        "same": lambda: client_token("dd", group, 2, "spot", cluster, NOW),
+        "new-node": lambda: client_token("dd", group, 2, "spot",
+                                         Cluster((*cluster.nodes, node())), NOW),
+        "next-hour": lambda: client_token("dd", group, 2, "spot", cluster,
+                                          NOW + timedelta(hours=1)),
+        "count": lambda: client_token("dd", group, 3, "spot", cluster, NOW),
+    }[change]()
+    assert (other == base) == (change == "same")
+    assert len(base) <= 64
