@@ -156,18 +156,24 @@ def plan(config: Config, cluster: Cluster, now: datetime) -> Plan:
     if master in leaving:
         master = None
     removed_ready = [n for n in leaving if n.role == "slave" and n.state == "ready"]
+    table_after_removal: tuple[str, ...] = ()
     if master and master.state == "ready" and removed_ready:
         staying = [n for n in _ready_slaves(cluster) if n not in removed_ready]
+        table_after_removal = _ids([master, *staying])
         actions.append(ApplyMembership(
             "remove leaving slaves from Disco before terminating them",
-            master.instance_id, _ids([master, *staying])))
+            master.instance_id, table_after_removal))
     if cancels:
         actions.append(CancelRequests("cancel before terminating or re-bidding",
                                       tuple(dict.fromkeys(cancels))))
     if terminates:
         actions.append(Terminate("not wanted", tuple(dict.fromkeys(terminates))))
     actions.extend(launches)
-    actions.extend(_node_work(cluster, master, leaving, multipliers(config)))
+    node_work = _node_work(cluster, master, leaving, multipliers(config))
+    if len(node_work) == 1 and isinstance(node_work[0], ApplyMembership) and \
+            node_work[0].member_ids == table_after_removal:
+        node_work = []  # the removal above already writes this very table
+    actions.extend(node_work)
     return Plan(tuple(actions), tuple(problems))
 
 

@@ -255,7 +255,7 @@ def test_stopped_instance_is_terminated_and_its_request_cancelled():
 def test_running_nodes_get_bootstrapped_and_joined():
     cfg = config(NUM_SLAVES=2)
     fresh = [node(state="running"), node(state="running")]
-    p = plan(cfg, converged(cfg, fresh), NOW)
+    p = plan(cfg, Cluster((*converged(cfg, []).nodes, *fresh)), NOW)
     assert set(only(p, Bootstrap).instance_ids) == {n.instance_id for n in fresh}
     assert set(only(p, Join).slave_ids) == {n.instance_id for n in fresh}
     assert kinds(p)[-3:] == ["Bootstrap", "Join", "ApplyMembership"]
