@@ -1,0 +1,870 @@
+"""Load, default and validate the cluster config; derive the node groups from it.
+
+Everything downstream trusts a `Config`: it only exists when the file passed the JSON
+Schema in `schema.json` and the checks the schema cannot express, so every other module
+can read `config[KEY]` without re-checking. Problems are reported all at once, each as one
+sentence naming the JSON path, the bad value (never a secret) and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import hashlib
+import importlib.resources
+import json
+import math
+import os
+import re
+import shlex
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import jsonschema
+from jsonschema import Draft202012Validator, ValidationError
+
+__all__ = [
+    "PLACEHOLDER_AMI",
+    "Config",
+    "ConfigError",
+    "GroupSpec",
+    "default_config",
+    "load_config",
+    "load_schema",
+    "parse_config",
+    "reference_table",
+    "schema_uri",
+]
+
+#: The AMI written by `init`: valid in form (it is the id AWS uses in its examples) but
+#: not a real image, so a fresh config is valid yet gets a warning until it is changed.
+PLACEHOLDER_AMI = "ami-0123456789abcdef0"
+
+#: Keys whose values must never appear in a message, a warning or a repr.
+SECRET_KEYS = frozenset({"AWS_ACCESS", "AWS_SECRET"})
+
+#: Keys that `init` leaves out: AWS keys are discouraged, SLAVE_GROUPS is an alternative
+#: to NUM_SLAVES that would only confuse a fresh file.
+_NOT_IN_DEFAULT = frozenset({"AWS_ACCESS", "AWS_SECRET", "SLAVE_GROUPS"})
+
+#: Disco settings that have their own top-level key or that disposabledisco sets itself.
+_MANAGED_DISCO_SETTINGS = {
+    "DISCO_PORT": "set the top-level DISCO_PORT key instead",
+    "DISCO_ROOT": "set the top-level DISCO_ROOT key instead",
+    "DISCO_USER": "set the top-level DISCO_USER key instead",
+    "DISCO_MASTER_HOST": "disposabledisco sets it to the master's name, so remove it",
+}
+
+_PRICE_KEYS = ("MAX_BID", "MAX_HOURLY_COST")
+_MGMT_KEY_FILES = ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub")
+_SHOW_LIMIT = 60
+
+
+class ConfigError(Exception):
+    """The config cannot be used; `problems` holds one sentence per problem found."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems: list[str] = list(problems)
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What the config asks for one group of nodes (the master, or one slave type)."""
+
+    role: str  # "master" | "slave"
+    name: str  # "master", or the slave group's instance type (unique per config)
+    instance_type: str
+    count: int
+    max_bid: float | None  # USD per hour; None for an on-demand master
+    multiplier: int  # Disco workers per CPU core
+    market: str  # "spot" | "on-demand"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated config: every schema key present, defaults applied, prices as float.
+
+    `values` is read-only; nested lists and objects are plain JSON values that must be
+    treated as read-only too.
+    """
+
+    values: Mapping[str, Any]
+    path: Path | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.values, MappingProxyType):
+            object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
+        if self.path is not None and not isinstance(self.path, Path):
+            object.__setattr__(self, "path", Path(self.path))
+        object.__setattr__(self, "warnings", tuple(self.warnings))
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Like dict.get, for keys that may be absent in hand-built configs."""
+        return self.values.get(key, default)
+
+    def __repr__(self) -> str:
+        shown = {k: ("<hidden>" if k in SECRET_KEYS and v is not None else v)
+                 for k, v in self.values.items()}
+        return f"Config(values={shown!r}, path={self.path!r}, warnings={self.warnings!r})"
+
+    def __hash__(self) -> int:
+        return hash((json.dumps(dict(self.values), sort_keys=True, default=str),
+                     self.path, self.warnings))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # mappingproxy cannot be pickled or deep-copied; rebuild from a plain dict.
+        return (type(self), (dict(self.values), self.path, self.warnings))
+
+    @property
+    def tag_key(self) -> str:
+        """The EC2 tag key that marks this cluster's requests and instances."""
+        return self.values["TAG_KEY"]
+
+    @property
+    def master(self) -> GroupSpec:
+        """The master's group: always one node."""
+        market = self.values["MASTER_MARKET"]
+        return GroupSpec(
+            role="master",
+            name="master",
+            instance_type=self.values["MASTER_INSTANCE_TYPE"] or self.values["INSTANCE_TYPE"],
+            count=1,
+            max_bid=None if market == "on-demand" else float(self.values["MAX_BID"]),
+            multiplier=int(self.values["MASTER_MULTIPLIER"]),
+            market=market,
+        )
+
+    @property
+    def slave_groups(self) -> tuple[GroupSpec, ...]:
+        """One GroupSpec per slave instance type, in config order (counts may be 0)."""
+        groups = self.values.get("SLAVE_GROUPS")
+        if groups is None:
+            groups = [{
+                "INSTANCE_TYPE": self.values["SLAVE_INSTANCE_TYPE"] or self.values["INSTANCE_TYPE"],
+                "COUNT": self.values["NUM_SLAVES"],
+            }]
+        return tuple(
+            GroupSpec(
+                role="slave",
+                name=g["INSTANCE_TYPE"],
+                instance_type=g["INSTANCE_TYPE"],
+                count=int(g["COUNT"]),
+                max_bid=float(g.get("MAX_BID", self.values["MAX_BID"])),
+                multiplier=int(g.get("MULTIPLIER", self.values["SLAVE_MULTIPLIER"])),
+                market="spot",
+            )
+            for g in groups
+        )
+
+    @property
+    def groups(self) -> tuple[GroupSpec, ...]:
+        """The master's group followed by the slave groups."""
+        return (self.master, *self.slave_groups)
+
+    @property
+    def desired_slaves(self) -> int:
+        """How many slaves the config asks for in all."""
+        return sum(g.count for g in self.slave_groups)
+
+    @property
+    def state_dir(self) -> Path:
+        """This cluster's local folder: STATE_DIR/<TAG_KEY made safe as a file name>."""
+        return self.resolve_path(self.values["STATE_DIR"]) / _safe_file_name(self.tag_key)
+
+    def resolve_path(self, value: str) -> Path:
+        """A path from the config as the user means it: ~ expanded, relative to the file.
+
+        Relative paths are taken from the config file's folder (not the current one) so
+        that a run from cron finds the same files as a run by hand.
+        """
+        p = Path(value).expanduser()
+        if not p.is_absolute() and self.path is not None:
+            p = self.path.parent / p
+        return p.absolute()
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
+    text = importlib.resources.files("disposabledisco").joinpath("schema.json").read_text(
+        encoding="utf-8"
+    )
+    return json.loads(text)
+
+
+def load_schema() -> dict[str, Any]:
+    """The JSON Schema shipped with the package (a copy the caller may change)."""
+    return copy.deepcopy(_schema())
+
+
+def schema_uri() -> str:
+    """A file:// URI of the installed schema.json, for the "$schema" key editors read."""
+    res = importlib.resources.files("disposabledisco").joinpath("schema.json")
+    if isinstance(res, Path):
+        return res.resolve().as_uri()
+    return str(res)  # inside a zip: no file URI exists; editors will just not find it
+
+
+def _ecma_to_python(pattern: str) -> str:
+    """Give `$` its JSON Schema (ECMA-262) meaning: end of string, not 'before a final \\n'.
+
+    Python's `$` accepts "ami-12345678\\n"; a config value must not smuggle a newline.
+    """
+    out: list[str] = []
+    in_class = False
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch == "$":
+            ch = r"\Z"
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(_ecma_to_python(pattern))
+
+
+def _pattern_keyword(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[Any]:
+    if validator.is_type(instance, "string") and not _compiled(pattern).search(instance):
+        yield ValidationError(f"does not match {pattern!r}")
+
+
+_Validator = jsonschema.validators.extend(Draft202012Validator, {"pattern": _pattern_keyword})
+
+
+@functools.lru_cache(maxsize=1)
+def _validator() -> Any:
+    return _Validator(_schema())
+
+
+def _resolve(schema: Any) -> dict[str, Any]:
+    """Follow local "$ref"s into $defs, keeping the referring schema's own keywords."""
+    if not isinstance(schema, dict):
+        return {}
+    while "$ref" in schema:
+        ref = schema["$ref"]
+        prefix = "#/$defs/"
+        if not ref.startswith(prefix):
+            break
+        target = _schema()["$defs"][ref[len(prefix):]]
+        schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+    return schema
+
+
+# --------------------------------------------------------------------------- wording
+
+
+def _expect(schema: Any) -> str:
+    """What a schema accepts, in words, to follow 'use ...' in a message."""
+    s = _resolve(schema)
+    if "x-hint" in s:
+        return s["x-hint"]
+    if "enum" in s:
+        return "one of " + ", ".join(json.dumps(v) for v in s["enum"])
+    if "const" in s:
+        return json.dumps(s["const"])
+    if "anyOf" in s:
+        return " or ".join(_expect(sub) for sub in s["anyOf"])
+    kind = s.get("type")
+    if isinstance(kind, list):
+        return " or ".join(_expect({**s, "type": k}) for k in kind)
+    if kind in ("integer", "number"):
+        noun = "a whole number" if kind == "integer" else "a number"
+        lo, hi = s.get("minimum"), s.get("maximum")
+        if "exclusiveMinimum" in s:
+            return f"{noun} greater than {s['exclusiveMinimum']}"
+        if lo is not None and hi is not None:
+            return f"{noun} from {lo} to {hi}"
+        if lo is not None:
+            return f"{noun} of at least {lo}"
+        if hi is not None:
+            return f"{noun} of at most {hi}"
+        return noun
+    if kind == "boolean":
+        return "true or false"
+    if kind == "null":
+        return "null"
+    if kind == "string":
+        return "a non-empty string" if s.get("minLength", 0) >= 1 else "a string"
+    if kind == "array":
+        return "a list" + (f" whose items are each {_expect(s['items'])}" if "items" in s else "")
+    if kind == "object":
+        return "an object"
+    return "a valid value"
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "a whole number"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _show(value: Any) -> str:
+    """The value as the user wrote it in JSON, cut short so one message stays one line."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) > _SHOW_LIMIT:
+        text = text[: _SHOW_LIMIT - 1] + "…"
+    return text
+
+
+_SIMPLE_KEY = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$]*$")
+
+
+def _path_str(parts: Iterable[Any]) -> str:
+    """A JSON path the way a user reads it: SLAVE_GROUPS[1].COUNT."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _SIMPLE_KEY.match(str(part)):
+            out += f".{part}" if out else str(part)
+        else:
+            out += f"[{json.dumps(str(part))}]" if out else json.dumps(str(part))
+    return out or "the config"
+
+
+def _is_secret_path(parts: tuple[Any, ...]) -> bool:
+    return bool(parts) and parts[0] in SECRET_KEYS
+
+
+def _sort_key(parts: tuple[Any, ...]) -> tuple[tuple[int, Any], ...]:
+    return tuple((0, p) if isinstance(p, int) else (1, str(p)) for p in parts)
+
+
+def _suggest(key: str, known: Iterable[str]) -> str | None:
+    """The known key closest to a mistyped one, ignoring case (num_slaves → NUM_SLAVES)."""
+    by_upper = {k.upper(): k for k in known}
+    match = difflib.get_close_matches(key.upper(), list(by_upper), n=1, cutoff=0.6)
+    return by_upper[match[0]] if match else None
+
+
+_Problem = tuple[tuple[Any, ...], str]
+
+
+def _unknown_key_problems(error: ValidationError, base: tuple[Any, ...]) -> list[_Problem]:
+    schema = error.schema
+    known = [k for k in schema.get("properties", {}) if k != "$schema"]
+    extras = [k for k in error.instance if k not in schema.get("properties", {})]
+    where = "a slave group" if base else "the config"
+    problems = []
+    for key in extras:
+        parts = (*base, key)
+        hint = _suggest(str(key), known)
+        if hint:
+            fix = f"did you mean {_path_str((*base, hint))}?"
+        elif base:
+            fix = "the keys of a slave group are " + ", ".join(known) + "."
+        else:
+            fix = "remove it (docs/config-reference.md lists every key)."
+        problems.append((parts, f"{_path_str(parts)} is not a known key of {where}; {fix}"))
+    return problems
+
+
+def _condition(error: ValidationError) -> str:
+    """'DISCO_INSTALL is "tarball"' for an error raised under an if/then."""
+    parts = list(error.absolute_schema_path)
+    if "then" not in parts:
+        return ""
+    node: Any = _schema()
+    try:
+        for part in parts[: parts.index("then")]:
+            node = node[part]
+        conds = [
+            f"{key} is {json.dumps(sub['const'])}"
+            for key, sub in node["if"].get("properties", {}).items()
+            if isinstance(sub, dict) and "const" in sub
+        ]
+    except (KeyError, IndexError, TypeError):
+        return ""
+    return " and ".join(conds)
+
+
+def _deeper_branch_problems(error: ValidationError) -> list[_Problem]:
+    """Inside a list or object that matched an anyOf branch by type, report the branch's own
+    errors (SLAVE_GROUPS[1].COUNT is missing) rather than 'SLAVE_GROUPS is not allowed'."""
+    by_branch: dict[Any, list[ValidationError]] = {}
+    for sub in error.context:
+        by_branch.setdefault(sub.relative_schema_path[0], []).append(sub)
+    depth = len(error.absolute_path)
+    for subs in by_branch.values():
+        wrong_type = any(s.validator == "type" and len(s.absolute_path) == depth for s in subs)
+        if not wrong_type and all(len(s.absolute_path) > depth for s in subs):
+            return [p for s in subs for p in _error_problems(s)]
+    return []
+
+
+def _error_problems(error: ValidationError) -> list[_Problem]:
+    """Rewrite one jsonschema error as sentences that say where, what and how to fix."""
+    base = tuple(error.absolute_path)
+    kind = error.validator
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    when = _condition(error)
+
+    if kind == "additionalProperties" and isinstance(error.instance, dict):
+        return _unknown_key_problems(error, base)
+
+    if kind == "required" and isinstance(error.instance, dict):
+        out = []
+        props = schema.get("properties", {})
+        for name in error.validator_value:
+            if name in error.instance:
+                continue
+            parts = (*base, name)
+            sub = props.get(name) or _schema()["properties"].get(name, {})
+            need = f", which is required when {when}" if when else ""
+            out.append((parts, f"{_path_str(parts)} is missing{need}; add it: {_expect(sub)}."))
+        return out
+
+    if "propertyNames" in list(error.absolute_schema_path):
+        parts = (*base, error.instance)
+        return [(parts, f"{_path_str(base)} has the key {_show(error.instance)}, which is not "
+                        f"allowed; use {_expect(schema)}.")]
+
+    if kind in ("anyOf", "oneOf") and error.context:
+        deeper = _deeper_branch_problems(error)
+        if deeper:
+            return deeper
+
+    value = error.instance
+    where = _path_str(base)
+    if _is_secret_path(base):
+        where, shown = f"{where} (value hidden)", "not valid"
+    else:
+        shown = _show(value)
+    if kind == "type":
+        why = "" if value is None else f" ({_json_kind(value)})"
+    elif kind == "minimum":
+        why = f", below the minimum {error.validator_value}"
+    elif kind == "maximum":
+        why = f", above the maximum {error.validator_value}"
+    elif kind == "exclusiveMinimum":
+        why = f", but it must be greater than {error.validator_value}"
+    elif kind == "minLength":
+        why = ", which is empty" if error.validator_value == 1 else ", which is too short"
+    elif kind == "maxLength":
+        why = f", longer than {error.validator_value} characters"
+    elif kind == "uniqueItems":
+        why = ", which has duplicate items"
+    elif kind in ("pattern", "enum", "const", "anyOf", "oneOf"):
+        why = ", which is not allowed"
+    else:
+        why = f", which fails the schema's {kind} check"
+    if when:
+        why += f" (it must be set when {when})"
+    return [(base, f"{where} is {shown}{why}; use {_expect(schema)}.")]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _is_price(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return math.isfinite(value) and value > 0
+    pattern = _schema()["$defs"]["price"]["anyOf"][0]["pattern"]
+    return isinstance(value, str) and bool(_compiled(pattern).search(value))
+
+
+def _non_finite(value: Any, parts: tuple[Any, ...] = ()) -> Iterator[_Problem]:
+    """NaN and Infinity: Python's json accepts them, JSON does not, and they pass a schema."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield (parts, f"{_path_str(parts)} is {_show(value)}, which is not a JSON number; "
+                      "use a finite number.")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _non_finite(v, (*parts, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _non_finite(v, (*parts, i))
+
+
+def _matches(key: str, value: Any) -> bool:
+    """Whether a string value fits its key's schema pattern (so a cross-check makes sense)."""
+    pattern = _schema()["properties"][key]["pattern"]
+    return isinstance(value, str) and bool(_compiled(pattern).search(value))
+
+
+def _present(data: Mapping[str, Any], key: str) -> bool:
+    return data.get(key) is not None
+
+
+def _semantic_problems(data: Mapping[str, Any]) -> list[_Problem]:
+    """Rules that span several keys, which JSON Schema cannot say clearly."""
+    out: list[_Problem] = []
+
+    groups = data.get("SLAVE_GROUPS")
+    if isinstance(groups, list):
+        seen: dict[str, int] = {}
+        total = 0
+        for i, g in enumerate(groups):
+            if not isinstance(g, dict):
+                continue
+            itype = g.get("INSTANCE_TYPE")
+            if isinstance(itype, str):
+                if itype in seen:
+                    parts = ("SLAVE_GROUPS", i, "INSTANCE_TYPE")
+                    out.append((parts, f"{_path_str(parts)} is {_show(itype)}, already used "
+                                       f"by SLAVE_GROUPS[{seen[itype]}]; a slave group is named by "
+                                       "its instance type, so merge the two into one group and "
+                                       "add up their COUNT."))
+                else:
+                    seen[itype] = i
+            count = g.get("COUNT")
+            if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                total += count
+        if total > 1000:
+            out.append((("SLAVE_GROUPS",), f"SLAVE_GROUPS asks for {total} slaves in all; "
+                                           "use at most 1000 in total."))
+        num = data.get("NUM_SLAVES")
+        if ("NUM_SLAVES" in data and isinstance(num, int) and not isinstance(num, bool)
+                and 0 <= num != total):
+            out.append((("NUM_SLAVES",), f"NUM_SLAVES is {_show(num)} but SLAVE_GROUPS adds up to "
+                                         f"{total} slaves; SLAVE_GROUPS decides the slaves, so "
+                                         f"remove NUM_SLAVES (or set it to {total})."))
+
+    for have, lack in (("AWS_ACCESS", "AWS_SECRET"), ("AWS_SECRET", "AWS_ACCESS")):
+        if _present(data, have) and not _present(data, lack):
+            out.append(((lack,), f"{have} is set but {lack} is not; give both, or better remove "
+                                 f"{have} and use AWS_PROFILE, the environment or an "
+                                 "instance role."))
+
+    cap, bid = data.get("MAX_HOURLY_COST"), data.get("MAX_BID", _default("MAX_BID"))
+    if (data.get("MASTER_MARKET", "spot") == "spot" and _is_price(cap) and _is_price(bid)
+            and float(cap) < float(bid)):
+        out.append((("MAX_HOURLY_COST",), f"MAX_HOURLY_COST is {_show(cap)}, less than the "
+                                          f"master's bid alone (MAX_BID {_show(bid)}); raise "
+                                          "MAX_HOURLY_COST or lower MAX_BID."))
+
+    tag = data.get("TAG_KEY")
+    if isinstance(tag, str) and tag.lower().startswith("disposabledisco:"):
+        out.append((("TAG_KEY",), f"TAG_KEY is {_show(tag)}, but the prefix \"disposabledisco:\" "
+                                  "is reserved for bookkeeping tags; use a name without it, "
+                                  "e.g. \"disposabledisco-prod\"."))
+
+    region, zone = data.get("REGION"), data.get("AVAILABILITY_ZONE")
+    if _matches("REGION", region) and _matches("AVAILABILITY_ZONE", zone):
+        rest = zone[len(region):] if zone.startswith(region) else None
+        if rest is None or not re.fullmatch(r"[a-z]|-[a-z]+-[0-9]+[a-z]", rest):
+            out.append((("AVAILABILITY_ZONE",), f"AVAILABILITY_ZONE is {_show(zone)}, which is "
+                                                f"not in REGION {_show(region)}; use a zone of "
+                                                f"that region like {region}a."))
+
+    settings = data.get("DISCO_SETTINGS")
+    if isinstance(settings, dict):
+        for key in settings:
+            if key in _MANAGED_DISCO_SETTINGS:
+                parts = ("DISCO_SETTINGS", key)
+                out.append((parts, f"{_path_str(parts)} is managed by disposabledisco; "
+                                   f"{_MANAGED_DISCO_SETTINGS[key]}."))
+    return out
+
+
+def _warnings(values: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:
+    """Things that work but are probably not what the user wants."""
+    out = []
+    if values["AMI"] == PLACEHOLDER_AMI:
+        out.append(f"AMI is still the placeholder {PLACEHOLDER_AMI} written by init; set it to an "
+                   "Ubuntu AMI of your region.")
+    if values["SLAVE_GROUPS"] is not None and raw.get("SLAVE_INSTANCE_TYPE") is not None:
+        out.append("SLAVE_INSTANCE_TYPE is ignored because SLAVE_GROUPS gives the slaves' types; "
+                   "remove it.")
+    if values["DISCO_TARBALL"] is not None and values["DISCO_INSTALL"] != "tarball":
+        out.append(f"DISCO_TARBALL is ignored because DISCO_INSTALL is "
+                   f"{_show(values['DISCO_INSTALL'])}, not \"tarball\".")
+    if values["DISCO_APT_SOURCE"] is not None and values["DISCO_INSTALL"] != "apt":
+        out.append(f"DISCO_APT_SOURCE is ignored because DISCO_INSTALL is "
+                   f"{_show(values['DISCO_INSTALL'])}, not \"apt\".")
+    if values["HOST_KEY_POLICY"] == "insecure":
+        out.append("HOST_KEY_POLICY is \"insecure\": SSH host keys are not checked, so use it "
+                   "only for tests.")
+    return out
+
+
+def _permission_warning(path: Path, values: Mapping[str, Any]) -> str | None:
+    """A config holding AWS_SECRET must not be readable by other users."""
+    if values.get("AWS_SECRET") is None or os.name == "nt":
+        return None
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if mode & 0o044:
+        return (f"this file holds AWS_SECRET and is readable by other users; run "
+                f"`chmod 600 {shlex.quote(str(path))}` (or better, remove AWS_ACCESS/AWS_SECRET "
+                "and use a profile or an instance role).")
+    return None
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _default(key: str) -> Any:
+    return copy.deepcopy(_schema()["properties"][key].get("default"))
+
+
+def _as_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _normalize(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Every schema key present, defaults applied, prices as float, whole numbers as int."""
+    props = _schema()["properties"]
+    values: dict[str, Any] = {}
+    for key, prop in props.items():
+        if key == "$schema":
+            continue  # where the editor found the schema is not part of the cluster
+        values[key] = copy.deepcopy(data[key]) if key in data else copy.deepcopy(
+            prop.get("default")
+        )
+        if props[key].get("type") == "integer" or _resolve(prop).get("type") == "integer":
+            values[key] = _as_int(values[key])
+    for key in _PRICE_KEYS:
+        if values[key] is not None:
+            values[key] = float(values[key])
+    if isinstance(values["MGMT_KEY"], str):
+        values["MGMT_KEY"] = values["MGMT_KEY"].strip()
+    if values["SLAVE_GROUPS"] is not None:
+        groups = []
+        for g in values["SLAVE_GROUPS"]:
+            groups.append({
+                "INSTANCE_TYPE": g["INSTANCE_TYPE"],
+                "COUNT": _as_int(g["COUNT"]),
+                "MAX_BID": float(g.get("MAX_BID", values["MAX_BID"])),
+                "MULTIPLIER": _as_int(g.get("MULTIPLIER", values["SLAVE_MULTIPLIER"])),
+            })
+        values["SLAVE_GROUPS"] = groups
+        values["NUM_SLAVES"] = sum(g["COUNT"] for g in groups)
+    return values
+
+
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, "<hidden>")
+    return text
+
+
+def _build(data: Any, path: Path | None, early: list[_Problem]) -> Config:
+    where = f"{path}: " if path is not None else ""
+    if not isinstance(data, dict):
+        raise ConfigError([f"{where}the config must be a JSON object like {{\"AMI\": ..., "
+                           f"\"KEY_NAME\": ...}} at the top level, not {_json_kind(data)}."])
+    problems: list[_Problem] = list(early)
+    problems += list(_non_finite(data))
+    for error in _validator().iter_errors(data):
+        problems += _error_problems(error)
+    problems += _semantic_problems(data)  # after the schema's, which win on the same path
+    secrets = [data[k] for k in SECRET_KEYS if isinstance(data.get(k), str)]
+    if problems:
+        first: dict[tuple[Any, ...], str] = {}
+        for parts, msg in problems:
+            first.setdefault(parts, msg)  # one sentence per field is enough to fix it
+        ordered = sorted(first.items(), key=lambda p: _sort_key(p[0]))
+        raise ConfigError([_redact(where + msg, secrets) for _, msg in ordered])
+    values = _normalize(data)
+    warnings = _warnings(values, data)
+    if path is not None:
+        perm = _permission_warning(path, values)
+        if perm:
+            warnings.append(perm)
+    return Config(values=values, path=path,
+                  warnings=tuple(_redact(where + w, secrets) for w in warnings))
+
+
+def parse_config(data: Any, path: str | os.PathLike[str] | None = None) -> Config:
+    """Validate already-parsed JSON data; `path` only names the file in messages.
+
+    Raises ConfigError listing every problem at once, so one edit can fix them all.
+    """
+    return _build(data, Path(path) if path is not None else None, [])
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; any failure is a ConfigError, never a traceback."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError([f"config file {p} does not exist; create one with "
+                           f"`disposabledisco init > {p}`."]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"config file {p} is a folder, not a file."]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"config file {p} is not UTF-8 text (bad byte at offset "
+                           f"{e.start}); save it as UTF-8."]) from None
+    except OSError as e:
+        raise ConfigError([f"cannot read config file {p}: {e.strerror or e}."]) from None
+    if not text.strip():
+        raise ConfigError([f"config file {p} is empty; create one with "
+                           f"`disposabledisco init > {p}`."])
+
+    duplicates: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in items:
+            if key in obj and key not in duplicates:
+                duplicates.append(key)
+            obj[key] = value
+        return obj
+
+    try:
+        data = json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"{p} is not valid JSON: {e.msg} at line {e.lineno}, column "
+                           f"{e.colno}."]) from None
+    early: list[_Problem] = [
+        ((key,), f"{json.dumps(key)} appears more than once in one JSON object, and only the "
+                 "last one counts; keep just one.")
+        for key in duplicates
+    ]
+    return _build(data, p, early)
+
+
+def _read_mgmt_key() -> str:
+    """The user's own public key, so a fresh config lets them log in to the nodes."""
+    pattern = _compiled(_schema()["properties"]["MGMT_KEY"]["pattern"])
+    for name in _MGMT_KEY_FILES:
+        try:
+            text = (Path.home() / ".ssh" / name).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text and pattern.search(text):
+            return text
+    return ""
+
+
+def default_config() -> dict[str, Any]:
+    """A complete, valid config with the defaults, for `init` to print as a starting point."""
+    cfg: dict[str, Any] = {"$schema": schema_uri()}
+    for key, prop in _schema()["properties"].items():
+        if key == "$schema" or key in _NOT_IN_DEFAULT:
+            continue
+        if key == "AMI":
+            cfg[key] = PLACEHOLDER_AMI
+        elif key == "KEY_NAME":
+            cfg[key] = "disposabledisco"
+        elif key == "MGMT_KEY":
+            cfg[key] = _read_mgmt_key()
+        else:
+            cfg[key] = copy.deepcopy(prop.get("default"))
+    return cfg
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def _type_text(schema: Any) -> str:
+    s = _resolve(schema)
+    if "enum" in s:
+        return ", ".join(f"`{json.dumps(v)}`" for v in s["enum"])
+    if "anyOf" in s:
+        return " or ".join(dict.fromkeys(_type_text(sub) for sub in s["anyOf"]))
+    kind = s.get("type")
+    if isinstance(kind, list):
+        return " or ".join(_type_text({**s, "type": k}) for k in kind)
+    if kind == "integer":
+        lo, hi = s.get("minimum"), s.get("maximum")
+        if lo is not None and hi is not None:
+            return f"integer {lo}–{hi}"
+        return f"integer ≥ {lo}" if lo is not None else "integer"
+    if kind == "array":
+        items = _resolve(s.get("items", {}))
+        return f"list of {items.get('type', 'value')}s" if "type" in items else "list"
+    return str(kind or "any")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def reference_table() -> str:
+    """The Markdown reference of every key, generated from schema.json so docs cannot drift.
+
+    `python -m disposabledisco.config > docs/config-reference.md` regenerates the page.
+    """
+    schema = _schema()
+    rows = []
+
+    def add(key: str, prop: dict[str, Any], required: bool) -> None:
+        if required:
+            default = "required"
+        elif "default" in prop:
+            default = f"`{json.dumps(prop['default'])}`"
+        else:
+            default = "—"
+        rows.append(f"| `{key}` | {_cell(_type_text(prop))} | {_cell(default)} | "
+                    f"{_cell(prop.get('description', ''))} |")
+
+    for key, prop in schema["properties"].items():
+        add(key, prop, key in schema.get("required", []))
+        if key == "SLAVE_GROUPS":
+            group = schema["$defs"]["slaveGroup"]
+            for sub, sprop in group["properties"].items():
+                add(f"SLAVE_GROUPS[].{sub}", sprop, sub in group["required"])
+    return "\n".join([
+        "# Config reference",
+        "",
+        "Generated from `disposabledisco/schema.json` by "
+        "`python -m disposabledisco.config > docs/config-reference.md`; do not edit by hand.",
+        "Prices are USD per hour, as a string like `\"0.10\"` or a number.",
+        "",
+        "| key | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+        *rows,
+        "",
+    ])
+
+
+def _safe_file_name(name: str) -> str:
+    """A tag key as one folder name; altered names get a hash so two keys never collide."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")
+    if safe == name:
+        return safe
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    return f"{safe or '_'}-{digest}"
+
+
+if __name__ == "__main__":
+    print(reference_table(), end="")
