@@ -947,7 +947,7 @@ class SpotMarket:
         return ActionResult(payload)
 
     def _h_create_tags(self, resp: Any, original: Any, state: _BackendState) -> Any:
-        ids = list(resp._get_param("ResourceIds", []) or [])
+        ids = list((resp.params or {}).get("Resources") or [])
         hidden = [i for i in ids if self._hidden(state, i)]
         if hidden:
             raise self._not_found(hidden)

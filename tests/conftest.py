@@ -1,0 +1,3 @@
+"""Shared pytest configuration: fixture modules are registered as plugins here."""
+
+pytest_plugins = ["tests.ec2_fixtures"]
