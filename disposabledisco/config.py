@@ -451,7 +451,7 @@ def _error_problems(error: ValidationError) -> list[_Problem]:
                 continue
             parts = (*base, name)
             sub = props.get(name) or _schema()["properties"].get(name, {})
-            need = f", which is required when {when}" if when else ""
+            need = f", but it is required when {when}" if when else ""
             out.append((parts, f"{_path_str(parts)} is missing{need}; add it: {_expect(sub)}."))
         return out
 
