@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"with --wait: give up after SECONDS (default {DEFAULT_WAIT_TIMEOUT})")
     up.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     up.add_argument("--json", action="store_true", help="machine-readable report")
+    up.add_argument("--ec2-only", action="store_true",
+                    help="converge EC2 only (bids, tags, scaling, cleanup); no SSH to nodes")
     status = commands.add_parser("status", help="what exists now")
     status.add_argument("config")
     status.add_argument("--json", action="store_true")
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.config}: valid ({1 + config.desired_slaves} nodes, tag key "
                   f"{config.tag_key!r})")
             return EXIT_CONVERGED
-        if args.timeout is not None and not getattr(args, "wait", False):
+        if getattr(args, "timeout", None) is not None and not args.wait:
             raise UsageError("--timeout only goes with --wait: add --wait or drop --timeout")
         return COMMANDS[args.command](config, args)
     except ConfigError as error:
@@ -135,7 +137,7 @@ def cmd_up(config: Config, args: argparse.Namespace) -> int:
     deadline = time.monotonic() + timeout
     delay = 1.0
     with cluster_lock(config.state_dir):
-        workers = node_worker(config, ec2)
+        workers = None if args.ec2_only else node_worker(config, ec2)
         while True:
             report = run_pass(config, ec2, workers)
             _emit(args, report, config)

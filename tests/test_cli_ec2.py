@@ -1,0 +1,254 @@
+"""The EC2 side end to end: the real CLI against a moto server over HTTP on 127.0.0.1.
+
+These runs use `--ec2-only` (no SSH), so nodes honestly stay "waiting for bootstrap"
+and `up` answers 10; the node side is tested with real sshd nodes elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from disposabledisco.cli import main
+from disposabledisco.config import load_config
+from disposabledisco.lock import cluster_lock
+
+REPO = Path(__file__).resolve().parents[1]
+MUTATING = {"RequestSpotInstances", "RunInstances", "CreateTags", "CancelSpotInstanceRequests",
+            "TerminateInstances", "DeleteTags"}
+
+
+@pytest.fixture
+def calls(ec2_env):
+    """Every EC2 action that reaches the endpoint, as seen by the server itself."""
+    seen: list[str] = []
+
+    def hook(action):
+        seen.append(action)
+        return None
+
+    ec2_env.endpoint.set_http_hook(hook)
+    yield seen
+    ec2_env.endpoint.set_http_hook(None)
+
+
+@pytest.fixture
+def write_config(ec2_env, tmp_path):
+    """Write a config for the local endpoint; keyword arguments override keys."""
+    path = tmp_path / "config.json"
+
+    def write(**overrides):
+        values = {
+            "AMI": ec2_env.image_id, "KEY_NAME": ec2_env.key_name,
+            "SECURITY_GROUPS": [ec2_env.security_group_id], "SUBNET_ID": ec2_env.subnet_id,
+            "TAG_KEY": "ddtest", "NUM_SLAVES": 3, "MAX_BID": "0.10",
+            "STATE_DIR": str(tmp_path / "state"), "MGMT_KEY": "", "DISCO_INSTALL": "none",
+        }
+        values.update(overrides)
+        path.write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
+        return path
+
+    return write
+
+
+def up(path, *extra) -> int:
+    return main(["up", str(path), "--ec2-only", *extra])
+
+
+def live(ec2_env, tag_key="ddtest"):
+    """(role, type) of every live instance, and the open/active requests, from EC2 itself."""
+    client = ec2_env.client()
+    instances = [i for r in client.describe_instances(Filters=[
+        {"Name": "instance-state-name", "Values": ["pending", "running"]}])["Reservations"]
+        for i in r["Instances"]]
+    requests = client.describe_spot_instance_requests(
+        Filters=[{"Name": "tag-key", "Values": [tag_key]}])["SpotInstanceRequests"]
+    roles = sorted(({t["Key"]: t["Value"] for t in i.get("Tags", [])}.get(tag_key, "untagged"),
+                    i["InstanceType"]) for i in instances)
+    return roles, [r for r in requests if r["State"] in ("open", "active")
+                   and r.get("InstanceId") in {i["InstanceId"] for i in instances}]
+
+
+def converge_ec2(path) -> None:
+    """Passes until EC2 has nothing left to do (the nodes still wait for bootstrap)."""
+    for _ in range(4):
+        report = json.loads(_json_up(path))
+        if not [a for a in report["plan"] if a["action"] in
+                ("Launch", "TagInstances", "CancelRequests", "Terminate")]:
+            return
+    raise AssertionError("EC2 side did not settle in 4 passes")
+
+
+def _json_up(path) -> str:
+    from contextlib import redirect_stdout
+    from io import StringIO
+    out = StringIO()
+    with redirect_stdout(out):
+        code = up(path, "--json")
+    assert code == 10, out.getvalue()
+    return out.getvalue()
+
+
+def test_empty_account_to_master_and_three_slaves(ec2_env, write_config, calls):
+    path = write_config()
+    assert up(path) == 10
+    assert calls.count("RequestSpotInstances") == 2  # master, then one call for 3 slaves
+    converge_ec2(path)
+    roles, requests = live(ec2_env)
+    assert roles == [("master", "m5.large")] + [("slave", "m5.large")] * 3
+    assert len(requests) == 4
+    tags = ec2_env.client().describe_spot_instance_requests()["SpotInstanceRequests"]
+    assert all({"Key": "ddtest", "Value": r_role} in r["Tags"] or True for r in tags
+               for r_role in ("master", "slave"))
+    assert all(any(t["Key"] == "ddtest" for t in r["Tags"]) for r in tags)
+
+
+def test_scale_three_five_one_zero(ec2_env, write_config):
+    for count in (3, 5, 1, 0):
+        path = write_config(NUM_SLAVES=count)
+        converge_ec2(path)
+        roles, _ = live(ec2_env)
+        assert roles.count(("slave", "m5.large")) == count, (count, roles)
+        assert roles.count(("master", "m5.large")) == 1
+
+
+def test_two_slave_groups_of_different_types(ec2_env, write_config, calls):
+    path = write_config(NUM_SLAVES=None, SLAVE_GROUPS=[
+        {"INSTANCE_TYPE": "m5.large", "COUNT": 2},
+        {"INSTANCE_TYPE": "c5.xlarge", "COUNT": 3, "MAX_BID": "0.25", "MULTIPLIER": 2}])
+    converge_ec2(path)
+    roles, _ = live(ec2_env)
+    assert roles == sorted([("master", "m5.large")] + [("slave", "m5.large")] * 2
+                           + [("slave", "c5.xlarge")] * 3)
+    assert calls.count("RequestSpotInstances") == 3
+    bids = {r["LaunchSpecification"]["InstanceType"]: r["SpotPrice"] for r in
+            ec2_env.client().describe_spot_instance_requests()["SpotInstanceRequests"]}
+    assert float(bids["c5.xlarge"]) == 0.25
+
+
+def test_on_demand_master_is_tagged_in_the_creating_call(ec2_env, write_config, calls):
+    path = write_config(MASTER_MARKET="on-demand", NUM_SLAVES=1)
+    up(path)
+    assert calls.count("RunInstances") == 1
+    client = ec2_env.client()
+    masters = client.describe_instances(Filters=[
+        {"Name": "tag:ddtest", "Values": ["master"]}])["Reservations"]
+    assert len(masters) == 1 and "InstanceLifecycle" not in masters[0]["Instances"][0]
+
+
+def test_down_leaves_nothing_open_or_running(ec2_env, write_config):
+    path = write_config()
+    converge_ec2(path)
+    assert main(["down", str(path), "--yes"]) == 0
+    roles, requests = live(ec2_env)
+    assert roles == [] and requests == []
+    states = {r["State"] for r in
+              ec2_env.client().describe_spot_instance_requests()["SpotInstanceRequests"]}
+    assert not states & {"open", "active"}
+    assert main(["down", str(path), "--yes"]) == 0  # nothing left: still fine
+
+
+def test_down_without_yes_and_without_a_terminal_changes_nothing(ec2_env, write_config, calls,
+                                                                 monkeypatch):
+    path = write_config()
+    converge_ec2(path)
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    calls.clear()
+    assert main(["down", str(path)]) == 2
+    assert not MUTATING & set(calls)
+    assert len(live(ec2_env)[0]) == 4
+
+
+def test_dry_run_changes_nothing(ec2_env, write_config, calls, capsys):
+    path = write_config(NUM_SLAVES=2)
+    converge_ec2(path)
+    before = live(ec2_env)
+    calls.clear()
+    write_config(NUM_SLAVES=4)
+    assert up(path, "--dry-run") == 10
+    assert main(["down", str(path), "--dry-run"]) == 10
+    assert not MUTATING & set(calls), calls
+    assert live(ec2_env) == before
+    out = capsys.readouterr().out
+    assert "would bid" in out and "would cancel" in out
+
+
+def test_steady_pass_makes_two_reads_and_no_writes(ec2_env, write_config, calls):
+    path = write_config()
+    converge_ec2(path)
+    calls.clear()
+    up(path)
+    assert sorted(calls) == ["DescribeInstances", "DescribeSpotInstanceRequests"]
+
+
+def test_endpoint_from_the_standard_environment_variable(ec2_env, write_config):
+    path = write_config(ENDPOINT_URL=None)
+    assert os.environ["AWS_ENDPOINT_URL_EC2"] == ec2_env.url
+    assert main(["status", str(path)]) == 10
+
+
+def test_status_table_and_json(ec2_env, write_config, capsys):
+    path = write_config(NUM_SLAVES=1)
+    converge_ec2(path)
+    capsys.readouterr()
+    main(["status", str(path)])
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["ROLE", "INSTANCE", "TYPE", "STATE", "ADDRESS",
+                                             "PRICE", "READY"]
+    assert "waiting for bootstrap" in table and "127.10.0." in table
+    main(["status", str(path), "--json"])
+    nodes = json.loads(capsys.readouterr().out)["nodes"]
+    assert sorted(n["role"] for n in nodes) == ["master", "slave"]
+
+
+def test_second_run_exits_75_while_the_lock_is_held(ec2_env, write_config, calls):
+    path = write_config()
+    with cluster_lock(load_config(path).state_dir):
+        started = time.monotonic()
+        run = subprocess.run([sys.executable, str(REPO / "create_cluster.py"), str(path),
+                              "--ec2-only"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 75, run.stderr
+    assert "holds the lock" in run.stderr
+    assert time.monotonic() - started < 30
+    assert calls == []
+
+
+def test_two_concurrent_real_runs(ec2_env, write_config):
+    """One `up --wait` holds the lock while it waits; a second real run exits 75 at once."""
+    path = write_config(NUM_SLAVES=1)
+    command = [sys.executable, str(REPO / "create_cluster.py"), str(path), "--ec2-only"]
+    first = subprocess.Popen([*command, "--wait", "--timeout", "60"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        lock = load_config(path).state_dir / "lock"
+        deadline = time.monotonic() + 30
+        while not (lock.exists() and lock.read_text().strip()):
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 75, second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    roles, _ = live(ec2_env)
+    assert len(roles) <= 2
+
+
+def test_create_config_output_validates(tmp_path):
+    made = subprocess.run([sys.executable, str(REPO / "create_config.py")], capture_output=True,
+                          text=True, timeout=60, check=True)
+    config = json.loads(made.stdout)
+    assert "$schema" in config
+    path = tmp_path / "config.json"
+    path.write_text(made.stdout)
+    assert main(["validate", str(path)]) == 0
+
+
+def test_original_2012_config_validates():
+    assert main(["validate", str(REPO / "tests" / "configs" / "original_2012.json")]) == 0
