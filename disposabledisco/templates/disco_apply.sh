@@ -1,0 +1,36 @@
+# disco_apply.sh (master): start Disco if it is not running and apply the host table
+# (list body on stdin) live through the master's own HTTP API.
+
+read -r -d '' POST_TABLE_PY <<'PY' || true
+import sys, time, urllib.error, urllib.request
+url, body = sys.argv[1], sys.stdin.buffer.read()
+deadline = time.monotonic() + float(sys.argv[2])
+while True:
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = response.read().decode("utf-8", "replace")
+        break
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode("utf-8", "replace")[:300]
+        sys.exit(f"{url} answered {error.code}: {detail}")
+    except OSError as error:
+        if time.monotonic() > deadline:
+            sys.exit(f"{url} did not answer: {error}")
+        time.sleep(0.5)
+if "table saved!" not in answer:
+    sys.exit(f"{url} did not save the table: {answer[:300]}")
+print(f"{url}: {answer.strip()}")
+PY
+
+main() {
+  require_root
+  local status
+  status=$(as_disco disco status </dev/null 2>&1 || true)
+  if ! grep -qw running <<<"$status"; then
+    log "starting Disco"
+    as_disco disco start </dev/null
+  fi
+  python3 -W ignore -c "$POST_TABLE_PY" "$TABLE_URL" "$START_DEADLINE_SECONDS"
+}

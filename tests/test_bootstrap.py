@@ -1,0 +1,209 @@
+"""Bootstrap rendering: quoting, the inputs digest, and shell validity of every script."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from disposabledisco import bootstrap
+from disposabledisco.config import Config, ConfigError, parse_config
+
+BASE = {"AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "NUM_SLAVES": 2}
+APT = {"DISCO_INSTALL": "apt", "DISCO_APT_SOURCE": "deb https://apt.example.org/disco stable main"}
+TRICKY = "it's \"quoted\" $HOME `echo tick` $(echo sub) \\ ; & | < > * ?\nsecond line\t!"
+SNIPPETS = ("join_read", "join_slave", "join_known_hosts", "join_copy", "join_unpack",
+            "disco_apply")
+
+
+def config(**values: object) -> Config:
+    return parse_config({**BASE, **values})
+
+
+def unchecked(**values: object) -> Config:
+    """A config that skipped the schema, as a bug elsewhere could produce."""
+    return Config(values={**config().values, **values})
+
+
+def bash(script: str, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-c", script, "test", *args], capture_output=True,
+                          text=True, timeout=60, check=False, **kwargs)
+
+
+def shell_values(cfg: Config, role: str, names: list[str]) -> list[str]:
+    """Evaluate the rendered assignments in bash and print the named values back."""
+    values = bootstrap.script_values(cfg, role)
+    show = "".join(f'printf "%s\\0" "${{{n}[@]}}"\n' for n in names)
+    result = bash(bootstrap.assignments(values) + show)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("\0")[:-1]
+
+
+# -- quoting --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["POST_INIT", "MGMT_KEY", "DISCO_APT_SOURCE"])
+def test_every_value_reaches_bash_exactly(key: str) -> None:
+    assert shell_values(unchecked(**{key: TRICKY}), "master", [key]) == [TRICKY]
+
+
+def test_settings_reach_bash_exactly() -> None:
+    cfg = config(DISCO_SETTINGS={"DISCO_DEBUG": "it's \"x\" $HOME `id`"})
+    assert shell_values(cfg, "slave", ["SETTINGS_PY"]) == [
+        bootstrap.script_values(cfg, "slave")["SETTINGS_PY"]]
+
+
+def test_package_with_shell_characters_is_rejected_by_schema_but_still_quoted() -> None:
+    evil = "foo;touch /tmp/pwned-by-disposabledisco"
+    with pytest.raises(ConfigError):
+        config(ADDITIONAL_PACKAGES=[evil])
+    with pytest.raises(ConfigError):
+        config(PIP_REQUIREMENTS=["numpy; rm -rf /"])
+    cfg = unchecked(ADDITIONAL_PACKAGES=[evil, "a b"], PIP_REQUIREMENTS=["x $(id)"])
+    packages = shell_values(cfg, "slave", ["PACKAGES"])
+    assert evil in packages and "a b" in packages
+    assert shell_values(cfg, "slave", ["PIP_REQUIREMENTS"]) == ["x $(id)"]
+    assert not Path("/tmp/pwned-by-disposabledisco").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs POST_INIT as root, like a node does")
+def test_post_init_runs_as_written(tmp_path: Path) -> None:
+    """POST_INIT goes through the real run_post_init: same output as the script run by hand."""
+    out = tmp_path / "out"
+    post_init = (f"exec >{out}\n"
+                 "echo \"it's $HOME\" 'single $HOME' `echo back` $(echo sub)\n"
+                 "printf '%s\\n' \"a\\\"b\" 'c\"d' \\$HOME\n")
+    by_hand = bash(post_init, env={"HOME": "/root", "PATH": os.environ["PATH"]})
+    assert by_hand.returncode == 0, by_hand.stderr
+    expected = out.read_text()
+    out.unlink()
+    script = bootstrap.render(unchecked(POST_INIT=post_init), "slave")
+    harness = script.replace('main "$@" </dev/null', "") + \
+        f"STATE_DIR={tmp_path}\nrun_post_init\nrun_post_init\n"
+    result = bash(harness, env={"HOME": "/root", "PATH": os.environ["PATH"]})
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == expected
+    assert result.stderr.count("running POST_INIT") == 1  # once per content
+    assert (tmp_path / "post_init.sha256").exists()
+
+
+# -- digest ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("change", "master", "slave"), [
+    ({"POST_INIT": "echo hi"}, True, True),
+    ({"ADDITIONAL_PACKAGES": ["jq"]}, True, True),
+    ({"BASE_PACKAGES": ["python3"]}, True, True),
+    ({"PIP_REQUIREMENTS": ["numpy>=1.24"]}, True, True),
+    ({"MGMT_KEY": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB me@host"}, True, True),
+    ({"DISCO_USER": "mapred"}, True, True),
+    ({"DISCO_ROOT": "/data/disco"}, True, True),
+    ({"DISCO_PORT": 9000}, True, True),
+    ({"DISCO_SETTINGS": {"DISCO_GC_AFTER": 60}}, True, True),
+    ({"DISCO_INSTALL": "none"}, True, True),
+    ({"NUM_SLAVES": 0}, True, True),           # DDFS replicas 3 -> 1
+    ({"NUM_SLAVES": 7}, False, False),         # replicas stay at 3
+    ({"MAX_BID": "0.55"}, False, False),
+    ({"SSH_CONCURRENCY": 4}, False, False),
+    ({"MANAGE_HOSTS_FILE": False}, False, False),
+    (APT, True, True),
+    ({**APT, "DISCO_APT_PACKAGES": ["disco-master", "disco-node", "disco-tools"]}, True, True),
+])
+def test_digest_changes_exactly_when_an_input_changes(change, master: bool, slave: bool) -> None:
+    before, after = config(), config(**change)
+    for role, changed in (("master", master), ("slave", slave)):
+        assert (bootstrap.digest(before, role) != bootstrap.digest(after, role)) is changed, role
+
+
+def test_digest_is_stable_and_differs_per_role() -> None:
+    assert bootstrap.digest(config(), "master") == bootstrap.digest(config(), "master")
+    assert bootstrap.digest(config(), "master") != bootstrap.digest(config(), "slave")
+
+
+def test_local_tarball_content_is_a_master_input(tmp_path: Path) -> None:
+    tarball = tmp_path / "disco.tar.gz"
+    tarball.write_bytes(b"one")
+    cfg = config(DISCO_INSTALL="tarball", DISCO_TARBALL=str(tarball))
+    master, slave = bootstrap.digest(cfg, "master"), bootstrap.digest(cfg, "slave")
+    tarball.write_bytes(b"two!")
+    assert bootstrap.digest(cfg, "master") != master
+    assert bootstrap.digest(cfg, "slave") == slave  # slaves get it from the master at join
+
+
+def test_missing_local_tarball_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = config(DISCO_INSTALL="tarball", DISCO_TARBALL=str(tmp_path / "nope.tar"))
+    with pytest.raises(bootstrap.BootstrapError, match="nope.tar"):
+        bootstrap.digest(cfg, "master")
+
+
+def test_url_tarball_is_fetched_by_the_node() -> None:
+    url = "https://example.org/disco-0.5.4-installed.tar.gz"
+    values = bootstrap.script_values(config(DISCO_INSTALL="tarball", DISCO_TARBALL=url), "slave")
+    assert values["DISCO_TARBALL_URL"] == url
+
+
+# -- packages -------------------------------------------------------------------------
+
+def test_packages_add_what_disco_needs_without_repeats() -> None:
+    cfg = config(BASE_PACKAGES=["python3"], ADDITIONAL_PACKAGES=["jq", "python3"],
+                 PIP_REQUIREMENTS=["numpy"], **APT)
+    assert bootstrap.packages(cfg) == ["python3", "jq", "python-is-python3", "erlang-nox",
+                                       "python3-venv"]
+    assert bootstrap.packages(config(BASE_PACKAGES=[], DISCO_INSTALL="none")) == [
+        "python-is-python3"]
+
+
+def test_apt_packages_split_between_roles() -> None:
+    cfg = config(**APT, DISCO_APT_PACKAGES=["disco-master", "disco-node", "disco-tools"])
+    assert bootstrap.apt_packages_for(cfg, "master") == ["disco-master", "disco-tools"]
+    assert bootstrap.apt_packages_for(cfg, "slave") == ["disco-node", "disco-tools"]
+    assert bootstrap.apt_packages_for(config(), "master") == []
+
+
+# -- shell validity -------------------------------------------------------------------
+
+VARIANTS = [
+    {},
+    {"DISCO_INSTALL": "none", "POST_INIT": "echo hi", "PIP_REQUIREMENTS": ["numpy"]},
+    APT,
+    {"DISCO_INSTALL": "tarball", "DISCO_TARBALL": "s3://bucket/disco.tar.gz"},
+]
+
+
+def rendered_scripts() -> list[tuple[str, str]]:
+    scripts = [(f"{role}-{i}", bootstrap.render(config(**variant), role))
+               for i, variant in enumerate(VARIANTS) for role in bootstrap.ROLES]
+    scripts += [(name, bootstrap.snippet(config(), name)) for name in SNIPPETS]
+    return scripts
+
+
+SCRIPTS = rendered_scripts()
+SCRIPT_IDS = [name for name, _ in SCRIPTS]
+
+
+@pytest.mark.parametrize(("name", "script"), SCRIPTS, ids=SCRIPT_IDS)
+def test_scripts_pass_bash_n(name: str, script: str) -> None:
+    result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, f"{name}: {result.stderr}"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck is not installed (apt-get install shellcheck)")
+@pytest.mark.parametrize(("name", "script"), SCRIPTS, ids=SCRIPT_IDS)
+def test_scripts_pass_shellcheck(name: str, script: str) -> None:
+    result = subprocess.run(["shellcheck", "-s", "bash", "-e", "SC2034", "-"], input=script,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"{name}:\n{result.stdout}"
+
+
+def test_scripts_wait_and_check_instead_of_sleeping() -> None:
+    script = bootstrap.render(config(), "master")
+    assert "set -Eeuo pipefail" in script
+    assert 'main "$@" </dev/null' in script.splitlines()[-1]
+    assert "cloud-init status --wait" in script
+    assert "Failed to fetch" in script and "Some index files failed" in script
+    assert re.findall(r"\bsleep \S+", script) == ["sleep 1"]  # one poll, with a deadline
+    assert not re.search(r"^\s*eval\b", script, re.MULTILINE)
