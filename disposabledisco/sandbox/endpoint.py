@@ -100,8 +100,12 @@ class LocalEc2:
 
     def __init__(self, region: str = "us-east-1", *, port: int = 0,
                  market: SpotMarket | None = None) -> None:
+        if market is not None and market.region != region:
+            raise ValueError(f"market models {market.region}, endpoint serves {region}")
         self.region = region
         self.market = market
+        self._client: Any = None
+        self._client_url = ""
         self._port = port
         self._server: _Server | None = None
         self._lock = threading.Lock()
@@ -163,12 +167,18 @@ class LocalEc2:
         Credentials and region are explicit, so botocore never asks an instance metadata
         service (the effect of ``AWS_EC2_METADATA_DISABLED=true``).
         """
+        plain = config is None and not kwargs
+        if plain and self._client is not None and self._client_url == self.url:
+            return self._client
         session = boto3.session.Session(
             aws_access_key_id=DUMMY_KEY_ID,
             aws_secret_access_key=DUMMY_SECRET,
             region_name=self.region,
         )
-        return session.client("ec2", endpoint_url=self.url, config=config, **kwargs)
+        made = session.client("ec2", endpoint_url=self.url, config=config, **kwargs)
+        if plain:  # boto3 clients are thread-safe: share the plain one
+            self._client, self._client_url = made, self.url
+        return made
 
     def setup_loopback_network(
         self,

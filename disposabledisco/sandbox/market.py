@@ -462,6 +462,8 @@ class SpotMarket:
                 instance = state.backend.get_instance_by_id(instance_id)
                 if instance is None or not instance.is_running():
                     raise ValueError(f"{instance_id} is not a running instance")
+                if instance_id not in state.request_of:
+                    raise ValueError(f"{instance_id} is not a spot instance of this market")
                 self._interrupt(state, instance, reason)
         finally:
             self._flush_callbacks()
@@ -569,7 +571,7 @@ class SpotMarket:
         for itype, cap in sorted(self._capacity.items()):
             alive = [i for i in self._running_spot(state)
                      if i.instance_type == itype and i.id not in state.marked]
-            for instance in alive[cap:][::-1] if len(alive) > cap else []:
+            for instance in reversed(alive[cap:]):  # the newest go first
                 self._interrupt(state, instance, "instance-terminated-no-capacity")
 
     def _enforce_prices(self, state: _BackendState) -> None:
