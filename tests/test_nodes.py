@@ -1,0 +1,251 @@
+"""The local node harness: real sshd nodes that are fast, isolated and cleaned up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from disposabledisco.sandbox import nodes as nodes_module
+from disposabledisco.sandbox.nodes import NodeError, NodeFarm, ec2_hostname, port_open
+from tests.node_fixtures import candidate_addresses, next_instance_id
+
+pytestmark = pytest.mark.nodes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sh(farm: NodeFarm, instance_id: str, script: str, **kwargs: object) -> str:
+    return farm.exec(instance_id, ["sh", "-c", script], **kwargs).stdout.decode()  # type: ignore[arg-type]
+
+
+def ns_pids(farm: NodeFarm, instance_id: str) -> list[int]:
+    return [pid for pid, _ in farm._processes(farm.node(instance_id))]
+
+
+def free_address(subnet: str = "127.10.7") -> str:
+    for address in candidate_addresses(subnet):
+        if not port_open(address):
+            return address
+    raise RuntimeError("no free address")
+
+
+def test_ec2_hostname() -> None:
+    assert ec2_hostname("127.10.0.4") == "ip-127-10-0-4"
+
+
+def test_available_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nodes_module, "_available", None)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    ok, reason = NodeFarm.available()
+    assert not ok and "root" in reason
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    ok, reason = NodeFarm.available(sshd_path="/nonexistent/sshd")
+    assert not ok and "openssh-server" in reason
+
+
+def test_node_starts_fast_and_listens(node_farm: NodeFarm, start_nodes) -> None:
+    (node,) = start_nodes(1)
+    assert node.startup_seconds < 1.0, node.startup_seconds
+    assert port_open(node.address)
+    assert node.hostname == ec2_hostname(node.address)
+    assert node.startup_seconds in node_farm.startup_times
+
+
+def test_node_looks_like_an_ec2_ubuntu_image(node_farm: NodeFarm, start_nodes) -> None:
+    (node,) = start_nodes(1)
+    iid = node.instance_id
+    assert sh(node_farm, iid, "hostname").strip() == node.hostname
+    assert sh(node_farm, iid, f"getent hosts {node.hostname}").split()[0] == node.address
+    # the login user: passwordless sudo, bash, python3, the authorized key
+    out = node_farm.exec(iid, ["sh", "-c", "sudo -n id -u; command -v bash; command -v python3"],
+                         user="ubuntu").stdout.decode().split()
+    assert out[0] == "0"
+    assert out[1].endswith("/bash") and out[2].endswith("/python3")
+    keys = sh(node_farm, iid, "cat /home/ubuntu/.ssh/authorized_keys")
+    assert keys.strip() == node_farm.authorized_key
+    # its own host key, none of the machine's
+    assert sh(node_farm, iid, "ls /etc/ssh/ | grep host_ | sort").split() == [
+        "ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
+    pub = sh(node_farm, iid, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[:2]
+    assert " ".join(pub) == node_farm.host_public_key(iid)
+    # nothing of the machine's /tmp (client keys, other nodes' files) is visible
+    assert sh(node_farm, iid, "ls -A /tmp") == ""
+    # only the node's own processes (its PID namespace)
+    assert len(sh(node_farm, iid, "ps -e -o pid=").split()) < 10
+
+
+def test_offline_tweaks(node_farm: NodeFarm, start_nodes) -> None:
+    (node,) = start_nodes(1)
+    iid = node.instance_id
+    assert sh(node_farm, iid, "cat /etc/resolv.conf").strip() == "nameserver 127.0.0.1"
+    assert sh(node_farm, iid, "ls /var/lib/apt/lists").split() == ["partial"]
+    assert 'Acquire::Retries "0";' in sh(node_farm, iid, "cat /etc/apt/apt.conf.d/*")
+    assert "retries = 0" in sh(node_farm, iid, "cat /etc/pip.conf")
+    assert sh(node_farm, iid, "ls /root/.config/pip 2>/dev/null || true").strip() == ""
+    started = time.monotonic()
+    done = node_farm.exec(iid, ["apt-get", "install", "-y", "no-such-package-xyz"],
+                          check=False)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 10
+    # non-interactive shells do not pay for a slow ~/.bashrc
+    assert "return" in sh(node_farm, iid, "cat /root/.bashrc")
+
+
+def test_nodes_are_isolated_from_the_machine_and_each_other(
+    node_farm: NodeFarm, start_nodes
+) -> None:
+    a, b = start_nodes(2)
+    machine_hosts = Path("/etc/hosts").read_bytes()
+    b_hosts = sh(node_farm, b.instance_id, "cat /etc/hosts")
+    sh(node_farm, a.instance_id,
+       "echo '10.9.9.9 injected-by-test' >> /etc/hosts"
+       " && mkdir -p /opt/dd-test && echo installed > /opt/dd-test/marker"
+       " && echo tmp > /tmp/marker && useradd -m disco-test")
+    assert "injected-by-test" in sh(node_farm, a.instance_id, "cat /etc/hosts")
+    assert sh(node_farm, a.instance_id, "cat /opt/dd-test/marker").strip() == "installed"
+    # the machine is untouched
+    assert Path("/etc/hosts").read_bytes() == machine_hosts
+    assert not Path("/opt/dd-test").exists()
+    assert "disco-test" not in Path("/etc/passwd").read_text()
+    # and so is the other node
+    assert sh(node_farm, b.instance_id, "cat /etc/hosts") == b_hosts
+    assert sh(node_farm, b.instance_id, "ls /opt/dd-test 2>&1 || true").count("No such") == 1
+    assert sh(node_farm, b.instance_id, "id disco-test 2>&1 || true").count("no such") == 1
+    assert sh(node_farm, b.instance_id, "hostname").strip() == b.hostname
+    assert os.uname().nodename not in (a.hostname, b.hostname)
+
+
+def test_stop_kills_every_process_and_frees_the_address(node_farm: NodeFarm) -> None:
+    address = free_address()
+    iid = next_instance_id()
+    node = node_farm.start(iid, address)
+    # a daemon started inside the node must die with it
+    sh(node_farm, iid, "setsid sleep 1000 </dev/null >/dev/null 2>&1 &")
+    pids = ns_pids(node_farm, iid)
+    assert len(pids) >= 4  # init, sshd, init's sleep, the daemon
+    namespace = nodes_module._pid_ns(node.init_pid)
+    assert node_farm.stop(iid) is True
+    assert not node.alive
+    assert not any(nodes_module._pid_ns(pid) == namespace for pid in pids)
+    assert not port_open(address)
+    assert not (node.workdir / "ns").exists()
+    assert node_farm.stop(iid) is False
+    # the address can be used again at once
+    again = node_farm.start(next_instance_id(), address)
+    assert port_open(address)
+    node_farm.stop(again.instance_id)
+
+
+def test_kill_and_restart_sshd_keep_the_node(node_farm: NodeFarm, start_nodes) -> None:
+    (node,) = start_nodes(1)
+    iid = node.instance_id
+    sh(node_farm, iid, "echo kept > /root/state")
+    killed = node_farm.kill_sshd(iid)
+    assert killed
+    assert not port_open(node.address)
+    assert node.alive
+    assert sh(node_farm, iid, "cat /root/state").strip() == "kept"
+    node_farm.restart_sshd(iid)
+    assert port_open(node.address)
+    assert sh(node_farm, iid, "cat /root/state").strip() == "kept"
+
+
+def test_replace_host_key(node_farm: NodeFarm, start_nodes) -> None:
+    (node,) = start_nodes(1)
+    old = node_farm.host_public_key(node.instance_id)
+    new = node_farm.replace_host_key(node.instance_id)
+    assert new != old and new.startswith("ssh-ed25519 ")
+    on_disk = sh(node_farm, node.instance_id, "cat /etc/ssh/ssh_host_ed25519_key.pub")
+    assert " ".join(on_disk.split()[:2]) == new
+    assert port_open(node.address)
+
+
+def test_start_errors_are_clear(node_farm: NodeFarm, start_nodes) -> None:
+    (node,) = start_nodes(1)
+    with pytest.raises(NodeError, match="already used by node"):
+        node_farm.start(next_instance_id(), node.address)
+    with pytest.raises(NodeError, match="loopback"):
+        node_farm.start(next_instance_id(), "10.0.0.4")
+    with pytest.raises(NodeError, match="safe name"):
+        node_farm.start("../etc", "127.10.7.200")
+    # the same launch reported twice is not an error
+    assert node_farm.start(node.instance_id, node.address) is node
+
+
+def test_market_callbacks_and_sync(node_farm: NodeFarm) -> None:
+    a, b, c = (free_address("127.10.8"), None, None)
+    ia, ib = next_instance_id(), next_instance_id()
+    try:
+        node_farm.on_launch(ia, a)
+        node_farm.on_launch(ia, a)  # repeated callback: no-op
+        assert port_open(a)
+        assert node_farm.node(ia).hostname == ec2_hostname(a)
+        node_farm.on_terminate(ia)
+        node_farm.on_terminate(ia)  # repeated: no-op
+        assert not port_open(a)
+        b = a
+        c = free_address("127.10.9")
+        started, stopped = node_farm.sync([(ia, b, "running"), (ib, c, "pending")])
+        assert started == [ia] and stopped == []
+        started, stopped = node_farm.sync([(ia, b, "terminated"), (ib, c, "running")])
+        assert started == [ib] and stopped == [ia]
+        assert not port_open(b) and port_open(c)
+    finally:
+        node_farm.stop(ia)
+        node_farm.stop(ib)
+
+
+def test_fifty_nodes_start_together(node_farm: NodeFarm) -> None:
+    addresses = [a for a in candidate_addresses("127.10.5") if not port_open(a)][:50]
+    started = time.monotonic()
+    nodes = node_farm.start_many((next_instance_id(), a) for a in addresses)
+    took = time.monotonic() - started
+    try:
+        assert len(nodes) == 50
+        assert all(port_open(n.address) for n in nodes)
+        print(f"\n50 nodes started in {took:.2f} s "
+              f"(slowest node {max(n.startup_seconds for n in nodes):.2f} s)")
+        assert took < 20
+    finally:
+        stop_started = time.monotonic()
+        for node in nodes:
+            node_farm.stop(node.instance_id)
+        print(f"50 nodes stopped in {time.monotonic() - stop_started:.2f} s")
+    assert not any(port_open(n.address) for n in nodes)
+
+
+def test_nodes_die_with_their_owner_process(client_key) -> None:
+    """Even a SIGKILLed test process leaves no sshd behind (parent-death signal)."""
+    if not NodeFarm.available()[0]:
+        pytest.skip(NodeFarm.available()[1])
+    address = free_address("127.10.6")
+    code = textwrap.dedent(f"""
+        import sys, threading
+        sys.path.insert(0, {str(REPO)!r})
+        from disposabledisco.sandbox.nodes import NodeFarm
+        farm = NodeFarm({client_key.public!r})
+        # started from a short-lived thread, like an HTTP handler calling on_launch
+        t = threading.Thread(target=farm.on_launch, args=("i-orphan", {address!r}))
+        t.start(); t.join()
+        print(farm.node("i-orphan").init_pid, flush=True)
+        threading.Event().wait()
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        init_pid = int(child.stdout.readline())
+        assert port_open(address)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    deadline = time.monotonic() + 10
+    while port_open(address) or Path(f"/proc/{init_pid}").exists():
+        assert time.monotonic() < deadline, "the node outlived its owner"
+        time.sleep(0.05)
