@@ -426,6 +426,21 @@ def test_throttling_is_absorbed_by_standard_retries(ec2_env: Ec2Env,
     assert spot_market.calls["RequestSpotInstances"] == 1
 
 
+def test_other_http_hooks_coexist_with_the_market(ec2_env: Ec2Env,
+                                                  spot_market: SpotMarket) -> None:
+    ec2 = ec2_env.client(config=Config(retries={"total_max_attempts": 1}))
+    seen: list[str | None] = []
+    ec2_env.endpoint.set_http_hook(lambda action: seen.append(action))
+    spot_market.throttle_rate = 1.0
+    with pytest.raises(ClientError):
+        ec2.describe_instances()
+    ec2_env.endpoint.set_http_hook(None)
+    with pytest.raises(ClientError):
+        ec2.describe_instances()
+    assert seen == ["DescribeInstances"]
+    assert spot_market.calls["DescribeInstances"] == 2
+
+
 # --------------------------------------------------------------------------- consistency
 def test_not_found_window_after_create(ec2_env: Ec2Env, spot_market: SpotMarket) -> None:
     ec2 = ec2_env.client()

@@ -39,20 +39,22 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class _Gate:
-    """WSGI middleware that shows each request's EC2 Action to an optional hook.
+    """WSGI middleware that shows each request's EC2 Action to the installed hooks.
 
-    The hook may answer instead of moto (throttling); the body is buffered so moto can
-    still read it.
+    Every hook sees every call; the first one to return a reply answers instead of moto
+    (throttling). The body is buffered so moto can still read it.
     """
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self.hook: HttpHook | None = None
+        self.hooks: dict[str, HttpHook] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        hook = self.hook
-        if hook is not None:
-            reply = hook(self._action(environ))
+        hooks = list(self.hooks.values())
+        if hooks:
+            action = self._action(environ)
+            replies = [hook(action) for hook in hooks]
+            reply = next((r for r in replies if r is not None), None)
             if reply is not None:
                 status, headers, body = reply
                 text = _STATUS_TEXT.get(status, "Error")
@@ -145,11 +147,18 @@ class LocalEc2:
         host, port = self._server.get_host_and_port()
         return f"http://{host}:{port}"
 
-    def set_http_hook(self, hook: HttpHook | None) -> None:
-        """Let a market see (and possibly answer) every HTTP call; ``None`` removes it."""
+    def set_http_hook(self, hook: HttpHook | None, slot: str = "default") -> None:
+        """Show every HTTP call's Action to ``hook(action)``; ``None`` empties the slot.
+
+        A hook returning ``(status, headers, body)`` answers instead of moto. Hooks in
+        different slots (the market uses ``"spot-market"``) coexist and all see each call.
+        """
         if self._server is None:
             raise RuntimeError("LocalEc2 is not started")
-        self._server.gate.hook = hook
+        if hook is None:
+            self._server.gate.hooks.pop(slot, None)
+        else:
+            self._server.gate.hooks[slot] = hook
 
     def reset(self) -> None:
         """Clear all moto state (POST /moto-api/reset) and the market's moto-bound state."""

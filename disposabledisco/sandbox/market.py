@@ -65,6 +65,8 @@ PATCHED_ACTIONS = (
     "create_tags",
 )
 
+HTTP_HOOK_SLOT = "spot-market"
+
 MESSAGES = {
     "pending-evaluation": "Your Spot request has been submitted for review, and is pending "
     "evaluation.",
@@ -85,7 +87,8 @@ MESSAGES = {
 class HttpEndpoint(Protocol):
     """What :meth:`SpotMarket.install` needs from an endpoint to hook the HTTP layer."""
 
-    def set_http_hook(self, hook: Callable[[str | None], HttpReply | None] | None) -> None:
+    def set_http_hook(self, hook: Callable[[str | None], HttpReply | None] | None,
+                      slot: str = "default") -> None:
         """Install (or with ``None`` remove) a hook called with each request's Action."""
 
 
@@ -345,7 +348,7 @@ class SpotMarket:
             setattr(EC2Response, name, self._make_handler(name, original))
         SpotMarket._installed = self
         if endpoint is not None:
-            endpoint.set_http_hook(self._http_hook)
+            endpoint.set_http_hook(self._http_hook, slot=HTTP_HOOK_SLOT)
             self._endpoint = endpoint
         return self
 
@@ -362,7 +365,7 @@ class SpotMarket:
         self._originals.clear()
         SpotMarket._installed = None
         if self._endpoint is not None:
-            self._endpoint.set_http_hook(None)
+            self._endpoint.set_http_hook(None, slot=HTTP_HOOK_SLOT)
             self._endpoint = None
 
     def __enter__(self) -> SpotMarket:
