@@ -158,9 +158,10 @@ def test_down_without_yes_and_without_a_terminal_changes_nothing(ec2_env, write_
                                                                  monkeypatch):
     path = write_config()
     converge_ec2(path)
-    monkeypatch.setattr(sys, "stdin", open(os.devnull))
     calls.clear()
-    assert main(["down", str(path)]) == 2
+    with open(os.devnull) as no_terminal:
+        monkeypatch.setattr(sys, "stdin", no_terminal)
+        assert main(["down", str(path)]) == 2
     assert not MUTATING & set(calls)
     assert len(live(ec2_env)[0]) == 4
 

@@ -1,0 +1,128 @@
+"""Bad input through the real CLI: one clear sentence, exit 2, and not one EC2 call.
+
+EC2 refusals (unknown AMI or key pair) become one line with the AWS code, exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from moto import settings as moto_settings
+
+from disposabledisco.cli import main
+
+GOOD = {"AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "TAG_KEY": "ddbad", "NUM_SLAVES": 1}
+
+BAD_CONFIGS = [
+    ({"NUM_SLAVE": 3}, ["NUM_SLAVE", "did you mean NUM_SLAVES"]),
+    ({"TAG_KEY": "aws:cluster"}, ["TAG_KEY", "aws:"]),
+    ({"AMI": "ami-xyz"}, ["AMI", "ami-0123456789abcdef0"]),
+    ({"NUM_SLAVES": -1}, ["NUM_SLAVES", "0 to 1000"]),
+    ({"MAX_BID": "ten cents"}, ["MAX_BID"]),
+    ({"MAX_BID": 0}, ["MAX_BID"]),
+    ({"ADDITIONAL_PACKAGES": ["vim; rm -rf /"]}, ["ADDITIONAL_PACKAGES[0]"]),
+    ({"PIP_REQUIREMENTS": ["--index-url http://example.invalid"]}, ["PIP_REQUIREMENTS[0]"]),
+    ({"SSH_PORT": 70000}, ["SSH_PORT", "65535"]),
+    ({"MASTER_MARKET": "cheap"}, ["MASTER_MARKET", "on-demand"]),
+    ({"HOST_KEY_POLICY": "yolo"}, ["HOST_KEY_POLICY", "pin"]),
+    ({"SSH_ADDRESS": "ipv6"}, ["SSH_ADDRESS", "private_ip"]),
+    ({"INSTANCE_TYPE": "large"}, ["INSTANCE_TYPE"]),
+    ({"SLAVE_GROUPS": [{"INSTANCE_TYPE": "m5.large"}], "NUM_SLAVES": None},
+     ["SLAVE_GROUPS[0]", "COUNT"]),
+    ({"SLAVE_GROUPS": [{"INSTANCE_TYPE": "m5.large", "COUNT": 1},
+                       {"INSTANCE_TYPE": "m5.large", "COUNT": 2}], "NUM_SLAVES": None},
+     ["SLAVE_GROUPS", "m5.large"]),
+    ({"DISCO_INSTALL": "tarball"}, ["DISCO_TARBALL"]),
+    ({"AWS_ACCESS": "AKIAEXAMPLE"}, ["AWS_SECRET"]),
+    ({"DISCO_SETTINGS": {"FOO": "1"}}, ["DISCO_SETTINGS"]),
+    ({"KEY_NAME": None}, ["KEY_NAME"]),
+]
+
+
+@pytest.fixture
+def calls(ec2_env):
+    seen: list[str] = []
+    ec2_env.endpoint.set_http_hook(lambda action: seen.append(action))
+    yield seen
+    ec2_env.endpoint.set_http_hook(None)
+
+
+def write(tmp_path, values) -> str:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
+    return str(path)
+
+
+@pytest.mark.parametrize(("change", "words"), BAD_CONFIGS,
+                         ids=[next(iter(c)) for c, _ in BAD_CONFIGS])
+@pytest.mark.parametrize("command", ["up", "down", "status"])
+def test_bad_config_exits_2_naming_the_field_with_no_ec2_call(tmp_path, capsys, calls, change,
+                                                              words, command):
+    path = write(tmp_path, {**GOOD, **change})
+    extra = ["--yes"] if command == "down" else []
+    assert main([command, path, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    for word in words:
+        assert word in captured.err, captured.err
+    assert calls == []
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    ('{"AMI": "ami-0123456789abcdef0",\n  "KEY_NAME": "k",,}', ["line 2"]),
+    ('["AMI", "KEY_NAME"]', ["object"]),
+    (None, ["does not exist", "init"]),
+])
+def test_unreadable_config_files(tmp_path, capsys, calls, content, words):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["up", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert all(w.lower() in err.lower() for w in words), err
+    assert calls == []
+
+
+def test_secret_values_never_appear_in_errors(tmp_path, capsys):
+    path = write(tmp_path, {**GOOD, "AWS_SECRET": "s3cr3t-VALUE", "AWS_ACCESS": 5})
+    assert main(["up", path]) == 2
+    err = capsys.readouterr().err
+    assert "s3cr3t-VALUE" not in err and "AWS_ACCESS" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["up", "CONFIG", "--timeout", "5"],
+    ["launch", "CONFIG"],
+    ["up"],
+    ["up", "CONFIG", "--wait", "--timeout", "soon"],
+])
+def test_usage_errors_exit_2(tmp_path, capsys, calls, argv):
+    path = write(tmp_path, GOOD)
+    assert main([path if a == "CONFIG" else a for a in argv]) == 2
+    assert capsys.readouterr().err.strip()
+    assert calls == []
+
+
+@pytest.fixture
+def ec2_validates(monkeypatch):
+    """Make the local endpoint check AMIs and key pairs, as EC2 does."""
+    monkeypatch.setattr(moto_settings, "ENABLE_AMI_VALIDATION", True)
+    monkeypatch.setattr(moto_settings, "ENABLE_KEYPAIR_VALIDATION", True)
+
+
+@pytest.mark.parametrize(("change", "code", "hint"), [
+    ({"AMI": "ami-0123456789abcdef0"}, "InvalidAMIID.NotFound", "set AMI"),
+    ({"KEY_NAME": "no-such-key"}, "InvalidKeyPair.NotFound", "KEY_NAME"),
+])
+def test_ec2_refusal_is_one_clear_line_exit_1(ec2_env, ec2_validates, tmp_path, capsys, change,
+                                              code, hint):
+    values = {"AMI": ec2_env.image_id, "KEY_NAME": ec2_env.key_name, "TAG_KEY": "ddbad",
+              "SUBNET_ID": ec2_env.subnet_id, "NUM_SLAVES": 2,
+              "STATE_DIR": str(tmp_path / "state"), **change}
+    assert main(["up", write(tmp_path, values), "--ec2-only", "--wait"]) == 1
+    out = capsys.readouterr().out
+    failures = [line for line in out.splitlines() if "FAILED" in line]
+    assert len(failures) == 2  # master and slaves: each bid reports its own refusal
+    assert all(code in line and hint in line for line in failures), out
+    assert "Traceback" not in out
