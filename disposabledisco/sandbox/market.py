@@ -19,10 +19,16 @@ its extra state next to moto's own objects:
 
 Everything random comes from RNGs seeded by ``seed`` and time comes from :class:`SimClock`,
 so a test that makes the same calls sees the same market.
+
+Not modelled: the 2-minute notice in instance metadata / EventBridge (only the request's
+``marked-for-termination`` status), stop/hibernate interruption behaviour, ``ValidFrom`` /
+``ValidUntil``, launch and Availability Zone groups, per-AZ prices, request expiry from
+describe results after hours, and pagination of ``DescribeSpotInstanceRequests``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -42,7 +48,7 @@ from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models.instances import Instance, StateReason
 from moto.ec2.models.spot_requests import SpotInstanceRequest
 from moto.ec2.responses import EC2Response
-from moto.ec2.utils import random_spot_request_id
+from moto.ec2.utils import parse_user_data, random_spot_request_id
 
 if TYPE_CHECKING:
     from moto.ec2.models import EC2Backend
@@ -760,12 +766,10 @@ class SpotMarket:
         spec = params.get("LaunchSpecification") or {}
         groups = self._security_groups(
             state.backend,
-            [g for g in spec.get("SecurityGroups") or []],
-            [g for g in spec.get("SecurityGroupIds") or []],
+            list(spec.get("SecurityGroups") or []),
+            list(spec.get("SecurityGroupIds") or []),
         )
         resp.error_on_dryrun()
-        from moto.ec2.utils import parse_user_data
-
         requests = []
         for _ in range(int(params.get("InstanceCount") or 1)):
             request = ModelledSpotRequest(
@@ -960,8 +964,6 @@ class SpotMarket:
 
 
 def _copy_with(obj: Any, **changes: Any) -> Any:
-    import copy
-
     clone = copy.copy(obj)
     for key, value in changes.items():
         setattr(clone, key, value)
