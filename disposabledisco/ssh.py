@@ -47,12 +47,16 @@ import paramiko
 from . import hostkeys
 
 log = logging.getLogger(__name__)
+# paramiko logs every failed handshake with a traceback; while an instance boots those are
+# expected and retried. Without this, Python's last-resort handler would print them.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 __all__ = [
     "AuthenticationFailed",
     "CommandFailed",
     "CommandTimeout",
     "ConnectionLost",
+    "FileTransferFailed",
     "HostKeyMismatch",
     "HostKeyUnverified",
     "Outcome",
@@ -174,6 +178,16 @@ class CommandFailed(SshError):
         self.stderr_tail = stderr_tail
         detail = f": {stderr_tail}" if stderr_tail else ""
         super().__init__(target, f"`{_short(command)}` exited with status {status}{detail}")
+
+
+class FileTransferFailed(CommandFailed):
+    """An SFTP read or write failed (permission denied, no such directory…)."""
+
+    def __init__(self, target: Target, verb: str, path: str, reason: str) -> None:
+        self.command = f"{verb} {path}"
+        self.status = -1
+        self.stderr_tail = reason
+        SshError.__init__(self, target, f"cannot {verb} {path}: {reason}")
 
 
 class CommandTimeout(SshError):
@@ -387,7 +401,10 @@ class SshGateway:
         :class:`AuthenticationFailed`, :class:`HostKeyUnverified`) at the deadline and
         :class:`HostKeyMismatch` at once."""
         budget = self.settings.deadline_seconds if deadline_seconds is None else deadline_seconds
-        pkey = self._private_key()
+        try:
+            pkey = self._private_key()
+        except SshError as exc:
+            raise SshError(target, str(exc)) from exc
         start = time.monotonic()
         end = start + budget
         attempt = 0
@@ -630,7 +647,8 @@ class Session:
         return self._exec(full, shown, script, timeout, secret, check)
 
     def _exec(self, full: str, shown: str, stdin: bytes | str | None,
-              timeout: float | None, secret: bool, check: bool) -> Result:
+              timeout: float | None, secret: bool, check: bool,
+              log_stdout: bool = True) -> Result:
         if timeout is None:
             timeout = self.gateway.settings.command_timeout
         data = stdin.encode() if isinstance(stdin, str) else stdin
@@ -656,9 +674,13 @@ class Session:
         lines = []
         if secret:
             if out or err:
-                lines.append(f"  (output withheld: secret, {len(out)}+{len(err)} bytes)")
+                lines.append("  (output withheld: secret)")
         else:
-            lines += _output_lines("|", out) + _output_lines("!", err)
+            if log_stdout:
+                lines += _output_lines("|", out)
+            elif out:
+                lines.append(f"  ({len(out)} bytes of output not logged)")
+            lines += _output_lines("!", err)
         if status is None:
             self._log([*lines, "  => connection lost"])
             raise self._lost(f"`{_short(shown)}` did not finish")
@@ -793,8 +815,8 @@ class Session:
         content out of logs (it never goes into them anyway; this also hides sizes)."""
         if sudo:
             return self._exec(f"sudo -n -- cat -- {shlex.quote(path)}",
-                              f"read_file {path} via sudo", None, None, secret, True
-                              ).raw_stdout
+                              f"read_file {path} via sudo", None, None, secret, True,
+                              log_stdout=False).raw_stdout
         try:
             with self._sftp_client().open(path, "rb") as f:
                 f.prefetch()
@@ -808,7 +830,7 @@ class Session:
     def _file_error(self, verb: str, path: str, exc: BaseException) -> SshError:
         if self._closed or isinstance(exc, EOFError | paramiko.SSHException):
             return self._lost(f"cannot {verb} {path}", exc)
-        return CommandFailed(self.target, f"{verb} {path}", 1, _describe(exc))
+        return FileTransferFailed(self.target, verb, path, _describe(exc))
 
 
 def _stderr_tail(result: Result, lines: int = 3) -> str:

@@ -270,7 +270,8 @@ def test_write_file_is_atomic_with_modes_and_owners(
         # a destination that cannot be written fails clearly and leaves no temp file
         with pytest.raises(CommandFailed) as failed:
             session.write_file("/etc/nope.conf", b"x", 0o644)
-        assert node.instance_id in str(failed.value) and "/etc/nope.conf" in str(failed.value)
+        assert str(failed.value) == (f"{node.instance_id} ({node.address}): cannot write "
+                                     "/etc/nope.conf: permission denied")
         with pytest.raises(CommandFailed):
             session.write_file("/no/such/dir/file", b"x", 0o644, sudo=True)
     leftovers = node_farm.exec(iid, ["sh", "-c", "ls -A /etc /home/ubuntu | grep ddtmp || true"])
@@ -324,6 +325,12 @@ def test_read_file_and_secrets_stay_out_of_the_log(
         session.write_file("/home/ubuntu/mine", b"data", 0o600)
         assert session.read_file("/home/ubuntu/mine") == b"data"
         assert session.run("cat /root/.erlang.cookie", sudo=True, secret=True).stdout == cookie
+        # files read through sudo are not copied into the log either
+        session.write_file("/etc/plain.txt", b"public-content-xyz", 0o600, sudo=True)
+        assert session.read_file("/etc/plain.txt", sudo=True) == b"public-content-xyz"
+        # binary stdin goes through sudo untouched
+        blob = bytes(range(256)) * 64
+        assert session.run("cat", stdin=blob, sudo=True).raw_stdout == blob
         # a registered secret is redacted wherever it would show
         gateway.redact(cookie)
         session.run(f"echo {cookie} >&2")
@@ -331,7 +338,7 @@ def test_read_file_and_secrets_stay_out_of_the_log(
             session.run(f"echo {cookie} >&2; exit 1")
         assert cookie not in str(failed.value)
     log = gateway.log_path(node.instance_id).read_text()
-    assert cookie not in log
+    assert cookie not in log and "public-content-xyz" not in log
     assert "output withheld" in log and "***" in log
     assert cookie not in "\n".join(gateway.tail(node.instance_id, 100))
 

@@ -261,7 +261,7 @@ def _spawn(argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
 def _stop_all_farms() -> None:
     for farm in list(_farms):
         with contextlib.suppress(Exception):
-            farm.stop_all()
+            farm.close()
 
 
 def _q(value: object) -> str:
