@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from disposabledisco.sandbox import nodes as nodes_module
-from disposabledisco.sandbox.nodes import NodeError, NodeFarm, ec2_hostname, port_open
+from disposabledisco.sandbox.nodes import (
+    AddressInUse,
+    NodeError,
+    NodeFarm,
+    ec2_hostname,
+    port_open,
+)
 from tests.node_fixtures import candidate_addresses, next_instance_id
 
 pytestmark = pytest.mark.nodes
@@ -177,6 +184,19 @@ def test_start_errors_are_clear(node_farm: NodeFarm, start_nodes) -> None:
         node_farm.start("../etc", "127.10.7.200")
     # the same launch reported twice is not an error
     assert node_farm.start(node.instance_id, node.address) is node
+
+
+def test_address_taken_by_another_process(node_farm: NodeFarm) -> None:
+    address = free_address()
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind((address, 22))
+        squatter.listen()
+        started = time.monotonic()
+        with pytest.raises(AddressInUse, match="Address already in use"):
+            node_farm.start(next_instance_id(), address)
+        assert time.monotonic() - started < 2
+    assert all(n.address != address for n in node_farm.nodes.values())
 
 
 def test_market_callbacks_and_sync(node_farm: NodeFarm) -> None:

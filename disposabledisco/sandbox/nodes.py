@@ -718,8 +718,9 @@ class NodeFarm:
                         node._ready.set()
                 elif SSHD_READY in line:
                     node._ready.set()
-                elif not node._ready.is_set() and ("fatal:" in line or
-                                                   "Cannot bind any address" in line):
+                elif not node._ready.is_set() and (
+                        "fatal:" in line or line.startswith("chroot:")
+                        or "Cannot bind any address" in line):
                     node._failed = line.strip()
                     node._ready.set()
         finally:
