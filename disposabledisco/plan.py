@@ -7,10 +7,18 @@ give up first) is a table-testable function of its inputs.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 
-from .cluster import TAG_BOOTSTRAP, TAG_HOSTS, TAG_JOINED, Cluster, Node
+from .cluster import (
+    TAG_BOOTSTRAP,
+    TAG_FAILURES,
+    TAG_HOSTS,
+    TAG_JOINED,
+    TAG_UNREACHABLE,
+    Cluster,
+    Node,
+)
 from .config import Config, GroupSpec
 from .disco import membership_digest
 
@@ -134,28 +142,51 @@ def client_token(tag_key: str, group: GroupSpec, count: int, market: str, cluste
     return "dd-" + hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
+MAX_NODE_FAILURES = 3
+
+
+@dataclass
+class _Draft:
+    """The plan being assembled: EC2 steps collected per kind, then put in order."""
+
+    config: Config
+    cluster: Cluster
+    now: datetime
+    tags: list[Action] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
+    terminates: list[str] = field(default_factory=list)
+    launches: list[Launch] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    leaving: list[Node] = field(default_factory=list)
+
+    def remove(self, node: Node) -> None:
+        """Give a node up: cancel its request first (a persistent one would relaunch)."""
+        self.leaving.append(node)
+        if node.request_id and node.request_state in ("open", "active"):
+            self.cancels.append(node.request_id)
+        if node.has_instance:
+            self.terminates.append(node.instance_id)
+
+
 def plan(config: Config, cluster: Cluster, now: datetime) -> Plan:
     """Everything one pass should do, in the order it must run."""
-    tags: list[Action] = []
-    cancels: list[str] = []
-    terminates: list[str] = []
-    launches: list[Action] = []
-    problems: list[str] = []
-    leaving: list[Node] = []
-    _tag_untagged(cluster, tags)
-    _clean_up_dead(cluster, cancels, terminates)
-    for group in (config.master, *config.slave_groups):
-        _size_group(config, cluster, group, now, cancels, terminates, launches, problems,
-                    leaving)
-    for name in sorted(cluster.groups("slave") - {g.name for g in config.slave_groups}):
-        gone_group = GroupSpec("slave", name, name, 0, None, 1, "spot")
-        _size_group(config, cluster, gone_group, now, cancels, terminates, launches, problems,
-                    leaving)
-    actions: list[Action] = list(tags)
+    draft = _Draft(config, cluster, now)
+    _tag_untagged(cluster, draft.tags)
+    _clean_up_dead(cluster, draft.cancels, draft.terminates)
+    for node in cluster.of("slave"):
+        if node.state == "running" and unresponsive(config, node, now):
+            draft.remove(node)
+    groups = [config.master, *config.slave_groups]
+    groups += [GroupSpec("slave", name, name, 0, None, 1, "spot") for name in
+               sorted(cluster.groups("slave") - {g.name for g in config.slave_groups})]
+    for group in groups:
+        _size_group(draft, group)
+    _keep_to_budget(draft)
+    actions: list[Action] = list(draft.tags)
     master = cluster.master
-    if master in leaving:
+    if master in draft.leaving:
         master = None
-    removed_ready = [n for n in leaving if n.role == "slave" and n.state == "ready"]
+    removed_ready = [n for n in draft.leaving if n.role == "slave" and n.state == "ready"]
     table_after_removal: tuple[str, ...] = ()
     if master and master.state == "ready" and removed_ready:
         staying = [n for n in _ready_slaves(cluster) if n not in removed_ready]
@@ -163,18 +194,78 @@ def plan(config: Config, cluster: Cluster, now: datetime) -> Plan:
         actions.append(ApplyMembership(
             "remove leaving slaves from Disco before terminating them",
             master.instance_id, table_after_removal))
-    if cancels:
+    if draft.cancels:
         actions.append(CancelRequests("cancel before terminating or re-bidding",
-                                      tuple(dict.fromkeys(cancels))))
-    if terminates:
-        actions.append(Terminate("not wanted", tuple(dict.fromkeys(terminates))))
-    actions.extend(launches)
-    node_work = _node_work(cluster, master, leaving, multipliers(config))
+                                      tuple(dict.fromkeys(draft.cancels))))
+    if draft.terminates:
+        actions.append(Terminate("not wanted, lost or unresponsive",
+                                 tuple(dict.fromkeys(draft.terminates))))
+    actions.extend(draft.launches)
+    node_work = _node_work(cluster, master, draft.leaving, multipliers(config))
     if len(node_work) == 1 and isinstance(node_work[0], ApplyMembership) and \
             node_work[0].member_ids == table_after_removal:
         node_work = []  # the removal above already writes this very table
     actions.extend(node_work)
-    return Plan(tuple(actions), tuple(problems))
+    return Plan(tuple(actions), tuple(draft.problems))
+
+
+def unresponsive(config: Config, node: Node, now: datetime) -> bool:
+    """Failed its node work too often, or has been failing for UNRESPONSIVE_MINUTES."""
+    try:
+        failures = int(node.tags.get(TAG_FAILURES, "0"))
+    except ValueError:
+        failures = 0
+    if failures >= MAX_NODE_FAILURES:
+        return True
+    since = node.tags.get(TAG_UNREACHABLE)
+    if not since:
+        return False
+    try:
+        first = datetime.fromisoformat(since)
+    except ValueError:
+        return False
+    return now - first >= timedelta(minutes=config["UNRESPONSIVE_MINUTES"])
+
+
+def hourly_cost(config: Config, node: Node) -> float:
+    """What a node may cost per hour: its bid, else its group's MAX_BID as the estimate."""
+    if node.bid:
+        return node.bid
+    group = next((g for g in config.groups if g.name == node.group), None)
+    return (group.max_bid or 0.0) if group else 0.0
+
+
+def _keep_to_budget(draft: _Draft) -> None:
+    """Trim launches so live nodes plus new ones stay within MAX_HOURLY_COST (master first)."""
+    budget = draft.config["MAX_HOURLY_COST"]
+    if budget is None:
+        return
+    spent = sum(hourly_cost(draft.config, n) for n in draft.cluster.nodes
+                if n.is_live and n not in draft.leaving)
+    kept: list[Launch] = []
+    for launch in draft.launches:
+        price = launch.bid if launch.bid is not None else _group_bid(draft.config, launch)
+        affordable = launch.count if price <= 0 else min(
+            launch.count, int((budget - spent + 1e-9) // price))
+        if affordable < launch.count:
+            draft.problems.append(
+                f"MAX_HOURLY_COST {budget:g} USD/h allows {max(affordable, 0)} of the "
+                f"{launch.count} {launch.group} {launch.role}(s) wanted (live nodes cost "
+                f"{spent:g} USD/h, {price:g} each): raise MAX_HOURLY_COST or lower the count")
+        if affordable > 0:
+            kept.append(replace(launch, count=affordable, token=client_token(
+                draft.config.tag_key, _group_of(draft.config, launch), affordable,
+                launch.market, draft.cluster, draft.now)))
+            spent += affordable * price
+    draft.launches[:] = kept
+
+
+def _group_of(config: Config, launch: Launch) -> GroupSpec:
+    return next(g for g in config.groups if g.name == launch.group and g.role == launch.role)
+
+
+def _group_bid(config: Config, launch: Launch) -> float:
+    return _group_of(config, launch).max_bid or 0.0
 
 
 def plan_down(cluster: Cluster) -> Plan:
@@ -235,24 +326,19 @@ def _blocked(config: Config, cluster: Cluster, group: GroupSpec) -> str | None:
     return None
 
 
-def _size_group(config: Config, cluster: Cluster, group: GroupSpec, now: datetime,
-                cancels: list[str], terminates: list[str], launches: list[Action],
-                problems: list[str], leaving: list[Node]) -> None:
-    live = cluster.live(group.role, group.name)
+def _size_group(draft: _Draft, group: GroupSpec) -> None:
+    config, cluster = draft.config, draft.cluster
+    live = [n for n in cluster.live(group.role, group.name) if n not in draft.leaving]
     if len(live) > group.count:
         for node in _removal_order(live)[: len(live) - group.count]:
-            leaving.append(node)
-            if node.request_id and node.request_state in ("open", "active"):
-                cancels.append(node.request_id)
-            if node.has_instance:
-                terminates.append(node.instance_id)
+            draft.remove(node)
         return
     missing = group.count - len(live)
     if missing <= 0:
         return
     blocked = _blocked(config, cluster, group)
     if blocked:
-        problems.append(blocked)
+        draft.problems.append(blocked)
         return
     fallback = 0
     if group.market == "spot" and config["SPOT_FALLBACK"] == "on-demand":
@@ -267,10 +353,10 @@ def _size_group(config: Config, cluster: Cluster, group: GroupSpec, now: datetim
         if market == "on-demand" and group.market == "spot":
             why += f"; spot bids open over {config['SPOT_OPEN_TIMEOUT_MINUTES']} min, " \
                    "falling back to on-demand"
-        launches.append(Launch(
+        draft.launches.append(Launch(
             why, group.role, group.name, group.instance_type, count, market,
             group.max_bid if market == "spot" else None,
-            client_token(config.tag_key, group, count, market, cluster, now)))
+            client_token(config.tag_key, group, count, market, cluster, draft.now)))
 
 
 def _removal_order(live: list[Node]) -> list[Node]:

@@ -15,9 +15,11 @@ from typing import Any, Protocol
 from . import bootstrap
 from .cluster import (
     TAG_BOOTSTRAP,
+    TAG_FAILURES,
     TAG_GROUP,
     TAG_HOSTS,
     TAG_JOINED,
+    TAG_UNREACHABLE,
     Cluster,
     Desired,
     Node,
@@ -133,7 +135,7 @@ def run_pass(config: Config, ec2: Ec2Gateway, nodes: NodeWorker | None, *,
                         0 if down else sum(g.count for g in config.slave_groups))
     if dry_run:
         return report
-    applier = _Applier(config, ec2, nodes, cluster)
+    applier = _Applier(config, ec2, nodes, cluster, moment)
     for action in the_plan.actions:
         report.results.append(applier.apply(action))
     return report
@@ -143,8 +145,9 @@ class _Applier:
     """Applies actions in order, tracking which nodes got done during this pass."""
 
     def __init__(self, config: Config, ec2: Ec2Gateway, nodes: NodeWorker | None,
-                 cluster: Cluster) -> None:
+                 cluster: Cluster, now: datetime) -> None:
         self.config = config
+        self.now = now
         self.ec2 = ec2
         self.nodes = nodes
         self.by_id = {n.instance_id: n for n in cluster.nodes if n.instance_id}
@@ -193,6 +196,7 @@ class _Applier:
             return skip
         targets = [self.by_id[i] for i in action.instance_ids]
         outcomes = self.nodes.bootstrap(targets)
+        self._record_failures(outcomes)
         done = [i for i, o in outcomes.items() if o.ok]
         for role in ("master", "slave"):
             ids = [i for i in done if self.by_id[i].role == role]
@@ -210,11 +214,27 @@ class _Applier:
         if not slaves:
             return ActionResult(action, True, "no bootstrapped slave to join", skipped=True)
         outcomes = self.nodes.join(self.by_id[action.master_id], slaves)
+        self._record_failures(outcomes)
         done = [i for i, o in outcomes.items() if o.ok]
         if done:
             self.ec2.tag(done, {TAG_JOINED: action.master_id})
         self.joined.update({i: action.master_id for i in done})
         return _node_result(action, outcomes)
+
+    def _record_failures(self, outcomes: dict[str, NodeOutcome]) -> None:
+        """Count failures in tags, so a node that never works is replaced after a while."""
+        for instance_id, outcome in outcomes.items():
+            if outcome.ok:
+                continue
+            node = self.by_id[instance_id]
+            try:
+                failures = int(node.tags.get(TAG_FAILURES, "0")) + 1
+            except ValueError:
+                failures = 1
+            since = node.tags.get(TAG_UNREACHABLE) or self.now.isoformat()
+            tags = {TAG_FAILURES: str(failures), TAG_UNREACHABLE: since}
+            self.ec2.tag([instance_id], tags)
+            self.by_id[instance_id] = replace(node, tags={**node.tags, **tags})
 
     def _ApplyMembership(self, action: ApplyMembership) -> ActionResult:
         if (skip := self._no_ssh(action)) is not None:

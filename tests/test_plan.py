@@ -9,9 +9,11 @@ import pytest
 
 from disposabledisco.cluster import (
     TAG_BOOTSTRAP,
+    TAG_FAILURES,
     TAG_GROUP,
     TAG_HOSTS,
     TAG_JOINED,
+    TAG_UNREACHABLE,
     Cluster,
     Node,
 )
@@ -334,3 +336,40 @@ def test_client_token_follows_what_was_observed(change):
     }[change]()
     assert (other == base) == (change == "same")
     assert len(base) <= 64
+
+
+def test_slave_failing_for_unresponsive_minutes_is_replaced():
+    cfg = config(NUM_SLAVES=2, UNRESPONSIVE_MINUTES=15)
+    stuck = node(state="running", tags={"dd": "slave", TAG_GROUP: "m5.large",
+                                        TAG_UNREACHABLE: (NOW - timedelta(minutes=20)).isoformat()})
+    fresh = node(state="running", tags={"dd": "slave", TAG_GROUP: "m5.large",
+                                        TAG_UNREACHABLE: (NOW - timedelta(minutes=5)).isoformat()})
+    p = plan(cfg, Cluster((*converged(cfg, []).nodes, stuck, fresh)), NOW)
+    assert only(p, Terminate).instance_ids == (stuck.instance_id,)
+    assert stuck.request_id in only(p, CancelRequests).request_ids
+    assert launches(p) == [("slave", "m5.large", 1, "spot")]
+    assert only(p, Bootstrap).instance_ids == (fresh.instance_id,)
+
+
+def test_slave_failing_its_bootstrap_three_times_is_replaced():
+    cfg = config(NUM_SLAVES=1)
+    broken = node(state="running", tags={"dd": "slave", TAG_GROUP: "m5.large",
+                                         TAG_FAILURES: "3"})
+    p = plan(cfg, Cluster((*converged(cfg, []).nodes, broken)), NOW)
+    assert only(p, Terminate).instance_ids == (broken.instance_id,)
+    assert launches(p) == [("slave", "m5.large", 1, "spot")]
+
+
+def test_budget_refuses_scale_up_past_max_hourly_cost():
+    cfg = config(NUM_SLAVES=10, MAX_HOURLY_COST="0.55")
+    p = plan(cfg, converged(cfg, [node(), node()]), NOW)
+    assert launches(p) == [("slave", "m5.large", 2, "spot")]  # 3 live × 0.1 + 2 × 0.1 ≤ 0.55
+    assert "MAX_HOURLY_COST" in p.problems[0] and "2 of the 8" in p.problems[0]
+
+
+def test_budget_still_heals_inside_it():
+    cfg = config(NUM_SLAVES=3, MAX_HOURLY_COST="0.40")
+    lost = node(state="gone", request_state="closed", instance_state="terminated")
+    p = plan(cfg, converged(cfg, [node(), node(), lost]), NOW)
+    assert launches(p) == [("slave", "m5.large", 1, "spot")]
+    assert p.problems == ()
