@@ -68,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check a live cluster end to end")
     doctor.add_argument("config")
     doctor.add_argument("--json", action="store_true")
+    sandbox = commands.add_parser(
+        "sandbox", help="run a local EC2 endpoint with a spot market and real SSH nodes "
+                        "(Linux, root), and write a ready config")
+    sandbox.add_argument("--dir", default="sandbox", help="where the config, key and state go")
+    sandbox.add_argument("--slaves", type=int, default=3, help="NUM_SLAVES of the config")
+    sandbox.add_argument("--port", type=int, default=0, help="endpoint port (default: any)")
+    sandbox.add_argument("--interruption-rate", type=float, default=0.0, metavar="P",
+                         help="chance per running spot instance per minute to be interrupted")
+    sandbox.add_argument("--price-volatility", type=float, default=0.0, metavar="V",
+                         help="size of the spot price's random steps (0.1 = ±10%%)")
+    sandbox.add_argument("--spot-price", type=float, default=0.03, metavar="USD",
+                         help="starting spot price per hour (the config bids 0.10)")
+    sandbox.add_argument("--capacity", action="append", default=[], metavar="TYPE=N",
+                         help="at most N spot instances of TYPE (0 = an outage); repeatable")
+    sandbox.add_argument("--fulfil-delay", type=float, default=3.0, metavar="SECONDS")
+    sandbox.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -83,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .init import render_default_config
             sys.stdout.write(render_default_config())
             return EXIT_CONVERGED
+        if args.command == "sandbox":
+            return cmd_sandbox(args)
         config = load_config(args.config)
         for warning in config.warnings:
             print(f"warning: {warning}", file=sys.stderr)
@@ -208,6 +226,30 @@ def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
     report = doctor_cluster(config, Ec2Gateway(config))
     print(json.dumps(report.to_json(), indent=2) if args.json else report.to_text())
     return EXIT_CONVERGED if report.ok else EXIT_FAILED
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .sandbox.run import SandboxError, SandboxOptions, serve
+    capacity: dict[str, int] = {}
+    for item in args.capacity:
+        instance_type, _, count = item.partition("=")
+        if not count.isdigit():
+            raise UsageError(f"--capacity {item!r} must look like m5.large=2")
+        capacity[instance_type] = int(count)
+    if not 0 <= args.interruption_rate <= 1:
+        raise UsageError("--interruption-rate is a chance per minute: give 0 to 1")
+    options = SandboxOptions(Path(args.dir), slaves=args.slaves, port=args.port,
+                             spot_price=args.spot_price, fulfil_delay=args.fulfil_delay,
+                             interruption_rate=args.interruption_rate,
+                             price_volatility=args.price_volatility, capacity=capacity,
+                             seed=args.seed)
+    try:
+        return serve(options)
+    except SandboxError as error:
+        print(f"disposabledisco: {error}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 COMMANDS: dict[str, Any] = {"up": cmd_up, "status": cmd_status, "down": cmd_down,

@@ -1,0 +1,157 @@
+"""`disposabledisco sandbox`: a whole spot cluster on this machine, no AWS account needed.
+
+It starts the local EC2 endpoint (moto on 127.0.0.1) with the spot market model, boots a
+real, isolated SSH node for every instance the market launches (at the instance's own
+loopback address), writes a ready config, and keeps running until interrupted. The
+config uses `DISCO_INSTALL: "none"`: everything but installing and starting Disco
+(trust, cookie, names, host table file) is done for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .endpoint import DUMMY_KEY_ID, DUMMY_SECRET, LocalEc2
+from .market import SpotMarket
+from .nodes import NodeFarm, generate_ed25519_key
+
+# Debian packages the sandbox nodes get (from this machine's own installed set: nodes are
+# offline overlays of it, so only installed packages can be "installed" there).
+SANDBOX_PACKAGES = ("python3", "python3-venv", "python-is-python3", "erlang-nox",
+                    "openssh-client", "ca-certificates", "curl")
+
+
+class SandboxError(Exception):
+    """The sandbox cannot run on this machine (not root, no sshd, …)."""
+
+
+@dataclass
+class SandboxOptions:
+    directory: Path
+    slaves: int = 3
+    port: int = 0
+    instance_type: str = "m5.large"
+    spot_price: float = 0.03
+    max_bid: float = 0.10
+    fulfil_delay: float = 3.0
+    interruption_rate: float = 0.0
+    price_volatility: float = 0.0
+    capacity: dict[str, int] = field(default_factory=dict)
+    seed: int = 0
+
+
+class Sandbox:
+    """The running sandbox: endpoint, market and node farm, stopped together."""
+
+    def __init__(self, options: SandboxOptions) -> None:
+        self.options = options
+        self.directory = options.directory.resolve()
+        self.market: SpotMarket | None = None
+        self.endpoint: LocalEc2 | None = None
+        self.farm: NodeFarm | None = None
+        self.config_path = self.directory / "sandbox.json"
+
+    def start(self) -> Path:
+        """Start everything and write the config; returns its path."""
+        available, reason = NodeFarm.available()
+        if not available:
+            raise SandboxError(f"the sandbox needs real SSH nodes, which this machine cannot "
+                               f"run: {reason}")
+        options = self.options
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_file = self.directory / "id_ed25519"
+        private, public = generate_ed25519_key("disposabledisco-sandbox")
+        _write_private(key_file, private)
+        self.market = SpotMarket(seed=options.seed, fulfil_delay=options.fulfil_delay,
+                                 default_price=options.spot_price,
+                                 interruption_rate=options.interruption_rate,
+                                 price_volatility=options.price_volatility)
+        for instance_type, count in options.capacity.items():
+            self.market.set_capacity(instance_type, count)
+        self.farm = NodeFarm(authorized_key=public, workdir=self.directory / "nodes")
+        self.market.on_launch(self.farm.on_launch)
+        self.market.on_terminate(self.farm.on_terminate)
+        self.endpoint = LocalEc2(port=options.port, market=self.market).start()
+        network = self.endpoint.setup_loopback_network(public_key=public)
+        self.market.background(0.5)
+        config = sandbox_config(self.endpoint, network, key_file, public, options)
+        _write_private(self.config_path, json.dumps(config, indent=2) + "\n")
+        return self.config_path
+
+    def stop(self) -> None:
+        """Stop ticking, the endpoint and every node (their writes vanish with them)."""
+        if self.market is not None:
+            self.market.stop()
+        if self.endpoint is not None:
+            self.endpoint.stop()
+        if self.farm is not None:
+            self.farm.close()
+
+    def __enter__(self) -> Sandbox:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def sandbox_config(endpoint: LocalEc2, network: dict[str, str], key_file: Path, public: str,
+                   options: SandboxOptions) -> dict[str, Any]:
+    """A complete config for the sandbox endpoint and its nodes."""
+    return {
+        "AMI": network["image_id"], "KEY_NAME": network["key_name"],
+        "INSTANCE_TYPE": options.instance_type, "NUM_SLAVES": options.slaves,
+        "MAX_BID": f"{options.max_bid:g}", "TAG_KEY": "sandbox",
+        "SECURITY_GROUPS": [network["security_group_id"]], "SUBNET_ID": network["subnet_id"],
+        "REGION": endpoint.region, "ENDPOINT_URL": endpoint.url,
+        "AWS_ACCESS": DUMMY_KEY_ID, "AWS_SECRET": DUMMY_SECRET,
+        "SSH_USER": "ubuntu", "SSH_KEY_FILE": str(key_file), "SSH_ADDRESS": "private_ip",
+        "MGMT_KEY": public, "STATE_DIR": str(key_file.parent / "state"),
+        "BASE_PACKAGES": list(SANDBOX_PACKAGES), "DISCO_INSTALL": "none",
+        "SPOT_OPEN_TIMEOUT_MINUTES": 2, "UNRESPONSIVE_MINUTES": 3,
+    }
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)
+
+
+def usage_text(config_path: Path, url: str) -> str:
+    config = str(config_path)
+    return "\n".join([
+        f"sandbox running: EC2 endpoint {url}, SSH nodes on 127.10.0.x",
+        f"config written to {config}",
+        "",
+        "in another terminal:",
+        f"  python create_cluster.py {config} --wait      # converge a real cluster",
+        f"  disposabledisco status {config}",
+        f"  disposabledisco doctor {config}",
+        f"  edit NUM_SLAVES in {config} and run create_cluster.py again to scale",
+        f"  disposabledisco down {config} --yes",
+        "",
+        "press Ctrl-C here to stop the sandbox (every node and its changes vanish)",
+    ])
+
+
+def serve(options: SandboxOptions, say: Callable[[str], None] = print,
+          stop: threading.Event | None = None) -> int:
+    """Run the sandbox in the foreground until SIGINT/SIGTERM (or `stop` is set)."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, lambda *_: stop.set())
+    with Sandbox(options) as sandbox:
+        say(usage_text(sandbox.config_path, sandbox.endpoint.url))
+        stop.wait()
+        say("stopping the sandbox")
+    return 0
