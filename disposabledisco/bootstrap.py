@@ -72,7 +72,11 @@ def digest(config: Config, role: str) -> str:
 
 
 def snippet(config: Config, name: str, **extra: ShellValue) -> str:
-    """A small node script (join, membership) sharing `lib.sh`, run with `bash -c`."""
+    """A small node script (join, membership) sharing `lib.sh`, sent on stdin to `bash -s`.
+
+    It ends with `main "$@"; exit`: bash reads a script on stdin one line at a time, so
+    data appended after that line (secrets, a request body) is what `main` reads, never code.
+    """
     values: dict[str, ShellValue] = {
         "DISCO_USER": config["DISCO_USER"],
         "DISCO_ROOT": config["DISCO_ROOT"],
@@ -80,7 +84,8 @@ def snippet(config: Config, name: str, **extra: ShellValue) -> str:
         "CLUSTER_KEY_COMMENT": CLUSTER_KEY_COMMENT,
         **extra,
     }
-    return _script(f"disposabledisco {name}", values, ("lib.sh", f"{name}.sh"), 'main "$@"')
+    return _script(f"disposabledisco {name}", values, ("lib.sh", f"{name}.sh"),
+                   'main "$@"; exit')
 
 
 def script_values(config: Config, role: str) -> dict[str, ShellValue]:

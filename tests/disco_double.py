@@ -1,9 +1,10 @@
 """A test double of the Disco master's control endpoint, strict about the host table.
 
-Only what the provisioner talks to is there: `POST /disco/ctrl/save_config_table` (with
-Disco's own validation: a JSON list of `[host, count]` pairs, counts as strings of
-digits, short host names, no duplicates) and `GET /disco/ctrl/load_config_table`. It does
-not run jobs and answers 404 to everything else, so a test cannot mistake it for Disco.
+Only what the tool talks to is there: `POST /disco/ctrl/save_config_table` (with Disco's
+own validation: a JSON list of `[host, count]` pairs, counts as strings of digits, short
+host names, no duplicates), `GET /disco/ctrl/load_config_table` and the read-only
+`GET /disco/ctrl/nodeinfo` (the saved hosts, never an active job). It runs no jobs and
+answers 404 to everything else, so a test cannot mistake it for Disco.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 SAVE = "/disco/ctrl/save_config_table"
 LOAD = "/disco/ctrl/load_config_table"
+NODEINFO = "/disco/ctrl/nodeinfo"
 _HOST = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
 _RANGE = re.compile(r"^(?P<name>.*?)(?P<first>[0-9]+):(?P<last>[0-9]+)$")
 
@@ -131,9 +133,12 @@ class DiscoDouble:
 
             def do_GET(self) -> None:
                 double._record(Request("GET", self.path, b""))
-                if self.path != LOAD:
-                    return self._answer(404, "Not found.")
-                self._answer(200, double.table or [])
+                if self.path == LOAD:
+                    return self._answer(200, double.table or [])
+                if self.path == NODEINFO:
+                    hosts = [{"node": host} for host, _ in double.table or []]
+                    return self._answer(200, {"available": hosts, "active": []})
+                self._answer(404, "Not found.")
 
             def _answer(self, status: int, payload: Any) -> None:
                 data = json.dumps(payload).encode()

@@ -1,0 +1,250 @@
+"""The node phase of a pass: bootstrap nodes, join slaves to the master, apply membership.
+
+Every step is idempotent on the node side (the scripts check before they act), so the
+reconciler can call any of them again after a crash. Cluster secrets (cookie, cluster key)
+are made on the master and copied master → slave through this process's memory only:
+they travel on SSH stdin, are registered with the gateway for redaction, and are never
+put on a command line, in a tag or in a log.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import bootstrap, disco
+from .cluster import Node, ssh_address
+from .hostkeys import HostKeyStore, HostKeyVerifier, known_hosts_line
+from .ssh import Outcome, Session, SshError, SshGateway, Target, settings_from_config
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .ec2 import Ec2Gateway
+
+T = TypeVar("T")
+VcpuLookup = Callable[[set[str]], dict[str, int]]
+START_DEADLINE_SECONDS = 120
+CLUSTER_SSH_PORT = 22  # Disco's master runs plain `ssh <host>` to start workers
+
+
+class Provisioner:
+    """Node work over SSH for one config; the reconciler tags instances from the outcomes."""
+
+    def __init__(self, config: Config, ssh_gateway: SshGateway, vcpus: VcpuLookup) -> None:
+        self.config = config
+        self.ssh = ssh_gateway
+        self.vcpus = vcpus
+
+    # -- bootstrap -------------------------------------------------------------------
+
+    def bootstrap(self, nodes: list[Node]) -> dict[str, Outcome[str]]:
+        """Run each node's role script (in parallel); the value is the digest it stamped."""
+        scripts = {role: (bootstrap.render(self.config, role),
+                          bootstrap.digest(self.config, role))
+                   for role in {node.role for node in nodes}}
+        by_id = {node.instance_id: node for node in nodes}
+
+        def work(session: Session) -> str:
+            node = by_id[session.target.instance_id]
+            if node.role == "master":
+                self._upload_tarball(session)
+            script, digest = scripts[node.role]
+            session.script(script, digest, sudo=True)
+            return digest
+
+        return self._parallel(nodes, work)
+
+    def _upload_tarball(self, session: Session) -> None:
+        """A local DISCO_TARBALL goes to the master only (slaves get it from the master)."""
+        path = bootstrap.local_tarball(self.config)
+        if path is None:
+            return
+        want = bootstrap.tarball_sha256(self.config)
+        staged = bootstrap.STAGED_TARBALL
+        have = session.run(f"install -d -m 0755 /var/lib/disposabledisco && "
+                           f"{{ sha256sum {staged} 2>/dev/null || true; }}",
+                           sudo=True).stdout.split(" ", 1)[0]
+        if have != want:
+            session.write_file(staged, path.read_bytes(), 0o644, owner="root", sudo=True)
+
+    # -- join ------------------------------------------------------------------------
+
+    def join(self, master: Node, slaves: list[Node]) -> dict[str, Outcome[str]]:
+        """Give each slave the master's cluster key and cookie (and Disco, tarball mode),
+        and trust each slave's pinned host key on the master. The value is the master id."""
+        store = self.ssh.verifier.store
+        pinned = [s for s in slaves if store.get(s.instance_id) is not None]
+        outcomes: dict[str, Outcome[str]] = {
+            s.instance_id: _failed(f"{s.instance_id}: no pinned host key yet (bootstrap it "
+                                   "first), so the master cannot trust it")
+            for s in slaves if s not in pinned}
+        try:
+            with self.ssh.connect(self._target(master)) as master_session:
+                payload = self._read_cluster_secrets(master_session)
+                self._trust_slaves(master_session, pinned, store)
+                by_id = {s.instance_id: s for s in pinned}
+                outcomes.update(self._parallel(pinned, lambda session: self._join_slave(
+                    session, by_id[session.target.instance_id], master_session, master,
+                    payload)))
+        except (SshError, ValueError) as error:
+            outcomes.update({s.instance_id: _failed(f"master {master.instance_id}: {error}")
+                             for s in pinned})
+        return {s.instance_id: outcomes[s.instance_id] for s in slaves}
+
+    def _read_cluster_secrets(self, session: Session) -> bytes:
+        """Cookie, public and private key as three base64 lines, held in memory only."""
+        result = session.script(bootstrap.snippet(self.config, "join_read"), sudo=True,
+                                secret=True)
+        lines = result.stdout.split()
+        if len(lines) != 3:
+            raise ValueError("could not read the cluster key and cookie from the master")
+        self.ssh.redact(*lines, *(base64.b64decode(line).decode() for line in lines[::2]))
+        return ("\n".join(lines) + "\n").encode()
+
+    def _trust_slaves(self, session: Session, slaves: Sequence[Node],
+                      store: HostKeyStore) -> None:
+        """The master's known_hosts for the Disco user, from the keys we pinned."""
+        if not slaves:
+            return
+        names = {s.instance_id: [disco.short_name(s), s.private_ip] for s in slaves}
+        entries = "".join(known_hosts_line(names[iid], store.get(iid), CLUSTER_SSH_PORT) + "\n"
+                          for iid in sorted(names))
+        all_names = sorted({name for group in names.values() for name in group})
+        script = bootstrap.snippet(self.config, "join_known_hosts", HOST_NAMES=all_names)
+        session.script(script + entries, sudo=True)
+
+    def _join_slave(self, session: Session, slave: Node, master_session: Session,
+                    master: Node, payload: bytes) -> str:
+        result = session.script(bootstrap.snippet(self.config, "join_slave").encode()
+                                + payload, sudo=True, secret=True)
+        want = bootstrap.tarball_sha256(self.config)
+        if want and f"tarball={want}" not in result.stdout.split():
+            self._copy_tarball(session, master_session, slave, want)
+        return master.instance_id
+
+    def _copy_tarball(self, session: Session, master_session: Session, slave: Node,
+                      sha256: str) -> None:
+        """Master → slave over the cluster link (no N uploads from the operator)."""
+        incoming = f".disposabledisco-tarball-{secrets.token_hex(4)}.part"
+        master_session.script(bootstrap.snippet(
+            self.config, "join_copy", SLAVE_ADDRESS=slave.private_ip, INCOMING_NAME=incoming),
+            sudo=True)
+        session.script(bootstrap.snippet(self.config, "join_unpack", INCOMING_NAME=incoming,
+                                         DISCO_TARBALL_SHA256=sha256), sudo=True)
+
+    # -- membership ------------------------------------------------------------------
+
+    def apply_membership(self, master: Node, members: list[Node]) -> Outcome[list[list[str]]]:
+        """/etc/hosts on every member, then the master's host table file and live table."""
+        started = time.monotonic()
+        everyone = _unique([master, *members])
+        try:
+            table = self.host_table(master, everyone)
+        except (KeyError, ValueError) as error:
+            return _failed(f"host table: {error}")
+        errors = []
+        if self.config["MANAGE_HOSTS_FILE"]:
+            results = self._parallel(everyone, lambda s: _write_hosts(s, everyone))
+            errors += [o.error for o in results.values() if not o.ok]
+        try:
+            with self.ssh.connect(self._target(master)) as session:
+                self._apply_table(session, master, table)
+        except SshError as error:
+            errors.append(str(error))
+        seconds = time.monotonic() - started
+        if errors:
+            return Outcome(ok=False, error="; ".join(errors), seconds=seconds,
+                           log_tail=tuple(self.ssh.tail(master.instance_id)))
+        return Outcome(ok=True, value=table, seconds=seconds)
+
+    remove_from_table = apply_membership  # scale-down: the same, with the reduced set
+
+    def host_table(self, master: Node, members: Sequence[Node]) -> list[list[str]]:
+        """The desired table: master first, then slaves by short name."""
+        counts = self.vcpus({n.instance_type for n in members})
+        multipliers = {g.name: g.multiplier for g in self.config.groups}
+        ordered = [master, *sorted((n for n in members if n is not master),
+                                   key=disco.short_name)]
+        return disco.host_table(
+            (disco.short_name(n), counts[n.instance_type],
+             multipliers.get(n.group, self.config[f"{n.role.upper()}_MULTIPLIER"]))
+            for n in ordered)
+
+    def _apply_table(self, session: Session, master: Node, table: list[list[str]]) -> None:
+        root, port, user = (self.config[k] for k in ("DISCO_ROOT", "DISCO_PORT", "DISCO_USER"))
+        session.write_file(f"{root}/disco_{port}.config", disco.host_table_json(table),
+                           0o644, owner=user, sudo=True)
+        if self.config["DISCO_INSTALL"] == "none":
+            return
+        url = f"http://{master.private_ip}:{port}/disco/ctrl/save_config_table"
+        script = bootstrap.snippet(self.config, "disco_apply", TABLE_URL=url,
+                                   START_DEADLINE_SECONDS=START_DEADLINE_SECONDS)
+        session.script(script + json.dumps(table) + "\n", sudo=True)
+
+    def _target(self, node: Node) -> Target:
+        return node_target(self.config, node)
+
+    def _parallel(self, nodes: Iterable[Node],
+                  fn: Callable[[Session], T]) -> dict[str, Outcome[T]]:
+        return run_on_nodes(self.config, self.ssh, nodes, fn)
+
+
+def node_target(config: Config, node: Node) -> Target:
+    """Where to SSH for a node, per SSH_ADDRESS (ValueError when it has no address yet)."""
+    address = ssh_address(node, config["SSH_ADDRESS"])
+    if not address or not node.instance_id:
+        raise ValueError(f"{node.instance_id or node.request_id}: no address to SSH to "
+                         f"(SSH_ADDRESS {config['SSH_ADDRESS']})")
+    return Target(node.instance_id, address, node.role)
+
+
+def run_on_nodes(config: Config, gateway: SshGateway, nodes: Iterable[Node],
+                 fn: Callable[[Session], T]) -> dict[str, Outcome[T]]:
+    """run_parallel over nodes; a node without an address fails alone."""
+    outcomes: dict[str, Outcome[T]] = {}
+    targets = []
+    for node in nodes:
+        try:
+            targets.append(node_target(config, node))
+        except ValueError as error:
+            outcomes[node.instance_id or "?"] = _failed(str(error))
+    outcomes.update(gateway.run_parallel(targets, fn))
+    return outcomes
+
+
+def _write_hosts(session: Session, members: Sequence[Node]) -> bool:
+    """Rewrite the managed /etc/hosts block; True when the file changed."""
+    current = session.read_file("/etc/hosts").decode()
+    wanted = disco.rewrite_hosts(current, members)
+    if wanted == current:
+        return False
+    session.write_file("/etc/hosts", wanted, 0o644, owner="root", sudo=True)
+    return True
+
+
+def _unique(nodes: Iterable[Node]) -> list[Node]:
+    seen: dict[str, Node] = {}
+    for node in nodes:
+        seen.setdefault(node.instance_id or "", node)
+    return list(seen.values())
+
+
+def _failed(error: str) -> Outcome[Any]:
+    return Outcome(ok=False, error=error)
+
+
+def ssh_gateway_for(config: Config, ec2: Ec2Gateway | None = None) -> SshGateway:
+    """The gateway a pass uses: pins under STATE_DIR, node logs under STATE_DIR/logs."""
+    store = HostKeyStore(config.state_dir)
+    console = ec2.console_output if ec2 is not None else None
+    verifier = HostKeyVerifier(config["HOST_KEY_POLICY"], store, console)
+    return SshGateway(settings_from_config(config.values, config.state_dir / "logs"), verifier)
+
+
+def make_provisioner(config: Config, ec2: Ec2Gateway) -> Provisioner:
+    """What the CLI hands to the reconciler for node work."""
+    return Provisioner(config, ssh_gateway_for(config, ec2), ec2.vcpus)

@@ -1,0 +1,26 @@
+# doctor_probe.sh (every node): facts for the health check, one `key=value` per line.
+# Prints hashes and modes only: the cookie itself never leaves the node.
+
+main() {
+  require_root
+  local home cookie tool name
+  printf 'hostname=%s\n' "$(hostname -s)"
+  printf 'nproc=%s\n' "$(nproc)"
+  home=$(getent passwd "$DISCO_USER" | cut -d: -f6)
+  if [[ -z $home ]]; then
+    printf 'user=missing\n'
+    return
+  fi
+  cookie=$home/.erlang.cookie
+  if [[ -f $cookie ]]; then
+    printf 'cookie_sha256=%s\n' "$(sha256sum <"$cookie" | cut -d' ' -f1)"
+    printf 'cookie_mode=%s\n' "$(stat -c '%a %U' "$cookie")"
+  fi
+  for tool in python erl disco; do
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    printf 'path_%s=%s\n' "$tool" "$(as_disco bash -c 'command -v "$1"' check "$tool" || true)"
+  done
+  for name in "${NAMES[@]}"; do
+    printf 'resolve_%s=%s\n' "$name" "$(getent hosts "$name" | awk '{print $1; exit}')"
+  done
+}
