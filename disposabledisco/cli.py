@@ -135,14 +135,16 @@ def node_worker(config: Config, ec2: Ec2Gateway) -> NodeWorker:
     return make_provisioner(config, ec2)
 
 
-def _emit(args: argparse.Namespace, report: PassReport, config: Config) -> None:
+def _emit(args: argparse.Namespace, report: PassReport, config: Config,
+          show_access: bool = True) -> None:
     if args.json:
-        print(json.dumps(pass_json(report), indent=2, sort_keys=True))
+        print(json.dumps(pass_json(report), indent=2, sort_keys=True), flush=True)
         return
     print(render_pass(report))
-    hint = access_hint(config, report.cluster)
+    hint = access_hint(config, report.cluster) if show_access else None
     if hint and not report.dry_run:
         print(hint)
+    print(flush=True)
 
 
 def cmd_up(config: Config, args: argparse.Namespace) -> int:
@@ -158,7 +160,7 @@ def cmd_up(config: Config, args: argparse.Namespace) -> int:
         workers = None if args.ec2_only else node_worker(config, ec2)
         while True:
             report = run_pass(config, ec2, workers)
-            _emit(args, report, config)
+            _emit(args, report, config, show_access=report.converged or not args.wait)
             code = report.exit_code
             if not args.wait or code == EXIT_CONVERGED or _permanent(report):
                 return code
@@ -204,7 +206,7 @@ def cmd_down(config: Config, args: argparse.Namespace) -> int:
         if not args.yes:
             _confirm(config, preview)
         report = run_pass(config, ec2, None, down=True)
-        _emit(args, report, config)
+        _emit(args, report, config, show_access=False)
         if report.failed:
             return EXIT_FAILED
         check = run_pass(config, ec2, None, dry_run=True, down=True)

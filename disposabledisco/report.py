@@ -32,7 +32,9 @@ def render_pass(report: PassReport) -> str:
             lines.append(f"      {instance_id}: {tail[0]}")
             lines += [f"        | {line}" for line in tail[1:]]
     lines += [f"  problem: {p}" for p in report.plan.problems]
-    waiting = [n for n in report.cluster.nodes if n.is_live and n.state != "ready"]
+    worked_on_nodes = any(not r.action.mutates_ec2 and not r.skipped for r in report.results)
+    waiting = [n for n in report.cluster.nodes if n.state in ("open", "pending")
+               or (n.state == "running" and not worked_on_nodes)]
     if waiting and not report.failed:
         lines.append("  waiting: " + "; ".join(
             f"{n.role} {n.key} {n.state} ({n.reason})" for n in waiting[:8])
