@@ -241,7 +241,7 @@ def test_fifty_nodes_start_together(node_farm: NodeFarm) -> None:
     assert not any(port_open(n.address) for n in nodes)
 
 
-def test_nodes_die_with_their_owner_process(client_key) -> None:
+def test_nodes_die_with_their_owner_process(client_key, tmp_path: Path) -> None:
     """Even a SIGKILLed test process leaves no sshd behind (parent-death signal)."""
     if not NodeFarm.available()[0]:
         pytest.skip(NodeFarm.available()[1])
@@ -250,7 +250,7 @@ def test_nodes_die_with_their_owner_process(client_key) -> None:
         import sys, threading
         sys.path.insert(0, {str(REPO)!r})
         from disposabledisco.sandbox.nodes import NodeFarm
-        farm = NodeFarm({client_key.public!r})
+        farm = NodeFarm({client_key.public!r}, workdir={str(tmp_path / "farm")!r})
         # started from a short-lived thread, like an HTTP handler calling on_launch
         t = threading.Thread(target=farm.on_launch, args=("i-orphan", {address!r}))
         t.start(); t.join()
@@ -269,3 +269,18 @@ def test_nodes_die_with_their_owner_process(client_key) -> None:
     while port_open(address) or Path(f"/proc/{init_pid}").exists():
         assert time.monotonic() < deadline, "the node outlived its owner"
         time.sleep(0.05)
+
+
+def test_stale_farm_directories_are_reaped() -> None:
+    """A farm directory whose owner died is removed by the next farm; live ones stay."""
+    import tempfile
+
+    stale = Path(tempfile.mkdtemp(prefix="disposabledisco-nodes-"))
+    (stale / "owner").write_text("999999999 1\n")
+    (stale / "i-1").mkdir()
+    with NodeFarm("ssh-ed25519 AAAA unused") as farm:
+        assert not stale.exists()
+        assert farm.workdir.exists()
+        with NodeFarm("ssh-ed25519 AAAA unused") as other:
+            assert farm.workdir.exists() and other.workdir.exists()
+    assert not farm.workdir.exists()

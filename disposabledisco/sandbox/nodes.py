@@ -302,6 +302,33 @@ def _mounts_under(path: Path) -> list[str]:
     return found
 
 
+_WORKDIR_PREFIX = "disposabledisco-nodes-"
+_OWNER_FILE = "owner"
+
+
+def _process_identity(pid: int) -> str:
+    """``pid starttime``: names a process and survives pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return f"{pid} {int(fields[19])}"
+    except (OSError, IndexError, ValueError):
+        return f"{pid} ?"
+
+
+def _reap_stale_workdirs() -> None:
+    """Remove farm directories left in the temp dir by owners that were killed (their
+    nodes died with them; only the files remain)."""
+    for path in Path(tempfile.gettempdir()).glob(_WORKDIR_PREFIX + "*"):
+        try:
+            owner = (path / _OWNER_FILE).read_text().split()
+            pid = int(owner[0])
+        except (OSError, IndexError, ValueError):
+            continue
+        if _process_identity(pid) != " ".join(owner):
+            _safe_rmtree(path)
+
+
 def _safe_rmtree(path: Path) -> None:
     """Remove a node directory unless something is mounted below it (never delete through
     a mount: a node's root has the machine's /dev and /sys bound into it)."""
@@ -341,12 +368,15 @@ class NodeFarm:
         self.start_timeout = start_timeout
         self.hostname_for = hostname_for
         self._own_workdir = workdir is None
+        if workdir is None:
+            _reap_stale_workdirs()
         self.workdir = Path(
-            workdir if workdir is not None else tempfile.mkdtemp(prefix="disposabledisco-nodes-")
+            workdir if workdir is not None else tempfile.mkdtemp(prefix=_WORKDIR_PREFIX)
         ).resolve()
         if not _SAFE_PATH.match(str(self.workdir)):
             raise NodeError(f"node farm directory {self.workdir} must match {_SAFE_PATH.pattern}")
         self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.workdir / _OWNER_FILE).write_text(_process_identity(os.getpid()) + "\n")
         self._nodes: dict[str, Node] = {}
         self._lock = threading.RLock()
         self._closed = False
