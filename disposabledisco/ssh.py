@@ -93,6 +93,9 @@ class SshSettings:
     command_timeout: float | None = None
     #: handshakes in flight to one address at a time (sshd's MaxStartups drops the rest)
     per_host_connects: int = 4
+    #: how long a node may keep refusing our key (cloud-init installs it shortly after
+    #: sshd starts) before we give up early: a wrong key should not wait the full deadline
+    auth_retry_seconds: float = 90.0
     backoff_initial: float = 0.25
     backoff_max: float = 8.0
     keepalive_seconds: int = 15
@@ -409,6 +412,7 @@ class SshGateway:
         end = start + budget
         attempt = 0
         kind, last = Unreachable, "no attempt was made"
+        auth_failing_since: float | None = None
         while not self._closing.is_set():
             remaining = end - time.monotonic()
             if remaining <= 0:
@@ -430,8 +434,18 @@ class SshGateway:
             except paramiko.AuthenticationException as exc:
                 kind = AuthenticationFailed
                 last = f"authentication as {self.settings.user} failed ({_describe(exc)})"
+                now = time.monotonic()
+                auth_failing_since = auth_failing_since or now
+                if now - auth_failing_since >= self.settings.auth_retry_seconds:
+                    self._log(target, [f"connect attempt {attempt} failed: {last}"])
+                    raise AuthenticationFailed(
+                        target, f"{last}; still refused after "
+                        f"{self.settings.auth_retry_seconds:g} s: is the key "
+                        f"({self.settings.key_file or 'ssh-agent/default keys'}) "
+                        "the instance's key pair?") from exc
             except (OSError, paramiko.SSHException, EOFError) as exc:
                 kind, last = Unreachable, _describe(exc)
+                auth_failing_since = None
             else:
                 self._count("_sessions_opened")
                 took = time.monotonic() - start

@@ -478,6 +478,13 @@ def test_connect_retries_until_the_key_is_installed(
         node_farm.exec(iid, ["sh", "-c", ": > /home/ubuntu/.ssh/authorized_keys"])
         with pytest.raises(AuthenticationFailed, match="authentication as ubuntu failed"):
             gateway.connect(Target(iid, address), deadline_seconds=1)
+        # a key that is never accepted gives up after auth_retry_seconds, not the deadline
+        impatient = ssh_gateway_factory(deadline_seconds=60, auth_retry_seconds=1,
+                                        backoff_initial=0.1, backoff_max=0.3)
+        started = time.monotonic()
+        with pytest.raises(AuthenticationFailed, match="still refused after 1 s"):
+            impatient.connect(Target(iid, address))
+        assert time.monotonic() - started < 5
     finally:
         node_farm.stop(iid)
 
