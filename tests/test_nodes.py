@@ -201,7 +201,7 @@ def test_address_taken_by_another_process(node_farm: NodeFarm) -> None:
 
 def test_market_callbacks_and_sync(node_farm: NodeFarm) -> None:
     a, b, c = (free_address("127.10.8"), None, None)
-    ia, ib = next_instance_id(), next_instance_id()
+    ia, ib, ic, id_ = next_instance_id(), next_instance_id(), "", ""
     try:
         node_farm.on_launch(ia, a)
         node_farm.on_launch(ia, a)  # repeated callback: no-op
@@ -217,9 +217,20 @@ def test_market_callbacks_and_sync(node_farm: NodeFarm) -> None:
         started, stopped = node_farm.sync([(ia, b, "terminated"), (ib, c, "running")])
         assert started == [ib] and stopped == [ia]
         assert not port_open(b) and port_open(c)
+        # one instance that cannot start does not keep the others from starting
+        ic, id_ = next_instance_id(), next_instance_id()
+        taken, free = free_address("127.10.10"), free_address("127.10.11")
+        with socket.socket() as squatter:
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            squatter.bind((taken, 22))
+            squatter.listen()
+            with pytest.raises(NodeError, match=f"1 of 2 nodes did not start: {ic}"):
+                node_farm.sync([(ic, taken, "running"), (id_, free, "running")])
+        assert id_ in node_farm.nodes and ic not in node_farm.nodes
+        assert node_farm.sync([(ic, taken, "running")]) == ([ic], [])
     finally:
-        node_farm.stop(ia)
-        node_farm.stop(ib)
+        for iid in (ia, ib, ic, id_):
+            node_farm.stop(iid)
 
 
 def test_fifty_nodes_start_together(node_farm: NodeFarm) -> None:

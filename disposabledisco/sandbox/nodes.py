@@ -477,23 +477,48 @@ class NodeFarm:
         return node
 
     def start_many(
-        self, specs: Iterable[tuple[str, str] | tuple[str, str, str | None]]
+        self,
+        specs: Iterable[tuple[str, str] | tuple[str, str, str | None]],
+        *,
+        keep_going: bool = False,
     ) -> list[Node]:
         """Start many nodes at once from ``(instance_id, address[, hostname])`` tuples:
-        all are spawned first, then awaited, so N nodes cost about one startup, not N."""
+        all are spawned first, then awaited, so N nodes cost about one startup, not N.
+
+        By default it is all or nothing (the first failure stops the nodes started here
+        and is raised). With ``keep_going`` every node that can start is started and one
+        ``NodeError`` listing the failures is raised at the end, if any failed.
+        """
         spawned: list[Node] = []
+        failures: list[str] = []
         try:
             for spec in specs:
                 iid, address, *rest = spec
-                spawned.append(self._spawn(iid, address, rest[0] if rest else None, None, None))
+                try:
+                    spawned.append(self._spawn(iid, address, rest[0] if rest else None,
+                                               None, None))
+                except NodeError as exc:
+                    if not keep_going:
+                        raise
+                    failures.append(str(exc))
+            ready = []
             for node in spawned:
-                self._await_ready(node)
+                try:
+                    self._await_ready(node)
+                    ready.append(node)
+                except NodeError as exc:
+                    if not keep_going:
+                        raise
+                    failures.append(str(exc))
         except BaseException:
             for node in spawned:
                 with contextlib.suppress(NodeError):
                     self.stop(node.instance_id)
             raise
-        return spawned
+        if failures:
+            raise NodeError(f"{len(failures)} of {len(failures) + len(ready)} nodes did not "
+                            "start: " + "; ".join(failures))
+        return ready
 
     def stop(self, instance_id: str) -> bool:
         """Stop a node: every process in it dies and its writes vanish. Returns whether
@@ -531,7 +556,9 @@ class NodeFarm:
         """Converge the farm to ``(instance_id, private_ip, state)`` tuples as EC2
         describes them: start nodes for running instances that have none, stop nodes of
         instances that are shutting down, stopped or terminated (or whose address
-        changed). Instances not listed are left alone. Returns (started, stopped) ids."""
+        changed). Instances not listed are left alone. Returns (started, stopped) ids.
+        A node that cannot start does not keep the others from starting; the failures
+        are raised together afterwards as one ``NodeError``."""
         wanted: list[tuple[str, str]] = []
         stopped: list[str] = []
         current = self.nodes
@@ -546,7 +573,7 @@ class NodeFarm:
                     wanted.append((instance_id, address))
             elif state in _GONE_STATES and node is not None and self.stop(instance_id):
                 stopped.append(instance_id)
-        started = [n.instance_id for n in self.start_many(wanted)]
+        started = [n.instance_id for n in self.start_many(wanted, keep_going=True)]
         return started, stopped
 
     # ------------------------------------------------------------------ test hooks
