@@ -399,7 +399,7 @@ def test_address_reused_by_a_new_instance_is_fine(
 
 @nodes
 def test_console_policy_waits_for_the_fingerprint(
-    node_farm: NodeFarm, start_nodes, ssh_gateway_factory
+    node_farm: NodeFarm, start_nodes, ssh_gateway_factory, tmp_path: Path
 ) -> None:
     a, b = start_nodes(2)
     calls: dict[str, int] = {}
@@ -424,6 +424,13 @@ def test_console_policy_waits_for_the_fingerprint(
     assert 2.0 < time.monotonic() - started < 5
     assert calls[b.instance_id] > 2
     assert b.instance_id in str(err.value) and "console output" in str(err.value)
+
+    # the farm can play EC2's console for its nodes
+    farm_console = ssh_gateway_factory("console", node_farm.console_output,
+                                       state_dir=tmp_path / "other-state")
+    with farm_console.connect(target(b)) as session:
+        assert session.run("true").ok
+    assert node_farm.console_output("i-none") == ""
 
     # a console that names another key is a refusal, at once
     _, other = generate_ed25519_key()

@@ -36,8 +36,10 @@ a farm to the simulated spot market through :meth:`NodeFarm.on_launch` /
 from __future__ import annotations
 
 import atexit
+import base64
 import collections
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import os
@@ -580,6 +582,30 @@ class NodeFarm:
     def host_public_key(self, instance_id: str) -> str:
         """The node's host key as ``ssh-ed25519 AAAA…`` (what a client should see)."""
         return self.node(instance_id).host_public_key
+
+    def console_output(self, instance_id: str) -> str:
+        """What EC2's GetConsoleOutput would show for the node once cloud-init ran: the
+        host key fingerprint and public key blocks (for ``HOST_KEY_POLICY: console``
+        in the sandbox). Empty if there is no such node, like a console not written yet."""
+        with self._lock:
+            node = self._nodes.get(instance_id)
+        if node is None or not node.host_public_key:
+            return ""
+        keytype, b64 = node.host_public_key.split()[:2]
+        digest = hashlib.sha256(base64.b64decode(b64)).digest()
+        fingerprint = "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+        name = keytype.removeprefix("ssh-").upper()
+        return "\r\n".join([
+            f"[    1.000000] Linux version (disposabledisco node {node.hostname})",
+            f"Cloud-init v. 23.1 running 'modules:final' on {node.hostname}",
+            "-----BEGIN SSH HOST KEY FINGERPRINTS-----",
+            f"256 {fingerprint} root@{node.hostname} ({name})",
+            "-----END SSH HOST KEY FINGERPRINTS-----",
+            "-----BEGIN SSH HOST KEY KEYS-----",
+            f"{keytype} {b64} root@{node.hostname}",
+            "-----END SSH HOST KEY KEYS-----",
+            "",
+        ])
 
     def kill_sshd(self, instance_id: str) -> list[int]:
         """Kill the node's sshd (listener and sessions) but keep the node and its files:
