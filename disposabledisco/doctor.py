@@ -25,14 +25,26 @@ if TYPE_CHECKING:
 
 OK, FAIL, SKIPPED = "ok", "fail", "skipped"
 CHECK_NODE_LIFETIME_MS = 60000
+#: Pings each check node given after -extra, prints `ping NODE pong|refused|not_started`.
+#: A node that is registered with epmd but answers pang refused us (cookie or ports), so
+#: it fails at once; one that is not registered yet is waited for (it may be booting).
 PING_ERL = (
-    "Ping = fun Loop(_, 0) -> pang; Loop(N, K) -> case net_adm:ping(N) of pong -> pong; "
-    "pang -> timer:sleep(250), Loop(N, K - 1) end end, "
-    "lists:foreach(fun(A) -> N = list_to_atom(A), R = Ping(N, 40), "
-    "io:format(\"ping ~s ~s~n\", [A, R]), "
+    "Ping = fun Loop(N, Host, Name, K) -> case net_adm:ping(N) of pong -> pong; "
+    "pang when K =:= 0 -> not_started; pang -> Up = case net_adm:names(Host) of "
+    "{ok, Names} -> lists:keymember(Name, 1, Names); _ -> false end, "
+    "case Up of true -> refused; false -> timer:sleep(250), Loop(N, Host, Name, K - 1) end "
+    "end end, "
+    "lists:foreach(fun(A) -> [Name, Host] = string:split(A, \"@\"), N = list_to_atom(A), "
+    "R = Ping(N, Host, Name, 40), io:format(\"ping ~s ~s~n\", [A, R]), "
     "case R of pong -> rpc:call(N, init, stop, []); _ -> ok end end, "
     "init:get_plain_arguments()), halt()."
 )
+PING_FIXES = {
+    "refused": "the slave's Erlang node is up but refused the master: its cookie differs "
+               "(see the cookie check) or ports 30000-30010 are blocked between them",
+    "not_started": "the check node did not come up on the slave or its name does not "
+                   "resolve from the master: see the names check and port 4369",
+}
 RERUN = "run `disposabledisco up` again"
 
 
@@ -242,8 +254,7 @@ class _Doctor:
             name = self.check_names[short]
             result = pings.get(name, "not run")
             self.add(slave, "erlang ping from master", result == "pong", f"{name}: {result}",
-                     "a pang means a different cookie, a name that does not resolve, or "
-                     "blocked ports 4369/30000-30010; see the cookie and names checks")
+                     PING_FIXES.get(result, "could not start the check; see ssh from master"))
         return {short: link for short, link in links.items() if link["status"] == "ok"}
 
     # -- the master's host table and Disco itself --------------------------------------
