@@ -114,15 +114,13 @@ def settings_values(config: Config, node_count: int) -> dict[str, Any]:
     return values
 
 
-def settings_py(config: Config, node_count: int, master_host: str | None = None) -> str:
+def settings_py(config: Config, node_count: int) -> str:
     """/etc/disco/settings.py: plain assignments with repr()-quoted values (never code).
 
-    `master_host` is the master's short name when known; bootstrap scripts are identical on
-    every node of a role, so they leave it out and the master appends its own name.
+    DISCO_MASTER_HOST is not here: a role's script is the same on every node, so the
+    master's bootstrap appends its own short hostname (the name Disco gives its node).
     """
     values = settings_values(config, node_count)
-    if master_host is not None:
-        values["DISCO_MASTER_HOST"] = check_short_name(master_host)
     lines = ["# Written by disposabledisco; changes are overwritten on the next bootstrap."]
     lines += [f"{key} = {value!r}" for key, value in values.items()]
     return "\n".join(lines) + "\n"

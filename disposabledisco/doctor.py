@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import bootstrap, disco
 from .cluster import Node
-from .provision import node_target, run_on_nodes, ssh_gateway_for
+from .provision import desired_table, node_target, run_on_nodes, ssh_gateway_for
 from .ssh import Session, SshError, SshGateway
 
 if TYPE_CHECKING:
@@ -74,7 +74,8 @@ class DoctorReport:
         return all(check.ok for check in self.checks)
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checks": [asdict(check) for check in self.checks]}
+        return {"ok": self.ok,
+                "checks": [{**asdict(check), "ok": check.ok} for check in self.checks]}
 
     def to_text(self) -> str:
         rows = [("NODE", "CHECK", "STATUS", "DETAIL")]
@@ -280,12 +281,7 @@ class _Doctor:
             cpus = {n.instance_id: counts[n.instance_type] for n in self.members}
         else:
             cpus = {n.instance_id: int(probes[n.instance_id]["nproc"]) for n in self.members}
-        multipliers = {g.name: g.multiplier for g in self.config.groups}
-        ordered = [self.master, *sorted(self.slaves, key=disco.short_name)]
-        return disco.host_table(
-            (disco.short_name(n), cpus[n.instance_id],
-             multipliers.get(n.group, self.config[f"{n.role.upper()}_MULTIPLIER"]))
-            for n in ordered)
+        return desired_table(self.config, self.master, self.members, cpus)
 
     def check_disco_service(self, session: Session) -> None:
         if self.config["DISCO_INSTALL"] == "none":

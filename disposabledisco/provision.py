@@ -13,7 +13,7 @@ import base64
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import bootstrap, disco
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 VcpuLookup = Callable[[set[str]], dict[str, int]]
 START_DEADLINE_SECONDS = 120
+#: per-node limits (connect + work): a fresh instance may spend minutes in apt-get
+BOOTSTRAP_TIMEOUT_SECONDS = 1800
+NODE_STEP_TIMEOUT_SECONDS = 600
 CLUSTER_SSH_PORT = 22  # Disco's master runs plain `ssh <host>` to start workers
 
 
@@ -56,7 +59,7 @@ class Provisioner:
             session.script(script, digest, sudo=True)
             return digest
 
-        return self._parallel(nodes, work)
+        return self._parallel(nodes, work, BOOTSTRAP_TIMEOUT_SECONDS)
 
     def _upload_tarball(self, session: Session) -> None:
         """A local DISCO_TARBALL goes to the master only (slaves get it from the master)."""
@@ -164,15 +167,10 @@ class Provisioner:
     remove_from_table = apply_membership  # scale-down: the same, with the reduced set
 
     def host_table(self, master: Node, members: Sequence[Node]) -> list[list[str]]:
-        """The desired table: master first, then slaves by short name."""
+        """The desired table, with vCPUs per instance type from the `vcpus` lookup."""
         counts = self.vcpus({n.instance_type for n in members})
-        multipliers = {g.name: g.multiplier for g in self.config.groups}
-        ordered = [master, *sorted((n for n in members if n is not master),
-                                   key=disco.short_name)]
-        return disco.host_table(
-            (disco.short_name(n), counts[n.instance_type],
-             multipliers.get(n.group, self.config[f"{n.role.upper()}_MULTIPLIER"]))
-            for n in ordered)
+        return desired_table(self.config, master, members,
+                             {n.instance_id: counts[n.instance_type] for n in members})
 
     def _apply_table(self, session: Session, master: Node, table: list[list[str]]) -> None:
         root, port, user = (self.config[k] for k in ("DISCO_ROOT", "DISCO_PORT", "DISCO_USER"))
@@ -188,9 +186,9 @@ class Provisioner:
     def _target(self, node: Node) -> Target:
         return node_target(self.config, node)
 
-    def _parallel(self, nodes: Iterable[Node],
-                  fn: Callable[[Session], T]) -> dict[str, Outcome[T]]:
-        return run_on_nodes(self.config, self.ssh, nodes, fn)
+    def _parallel(self, nodes: Iterable[Node], fn: Callable[[Session], T],
+                  timeout: float = NODE_STEP_TIMEOUT_SECONDS) -> dict[str, Outcome[T]]:
+        return run_on_nodes(self.config, self.ssh, nodes, fn, timeout)
 
 
 def node_target(config: Config, node: Node) -> Target:
@@ -203,8 +201,10 @@ def node_target(config: Config, node: Node) -> Target:
 
 
 def run_on_nodes(config: Config, gateway: SshGateway, nodes: Iterable[Node],
-                 fn: Callable[[Session], T]) -> dict[str, Outcome[T]]:
-    """run_parallel over nodes; a node without an address fails alone."""
+                 fn: Callable[[Session], T],
+                 timeout: float = NODE_STEP_TIMEOUT_SECONDS) -> dict[str, Outcome[T]]:
+    """run_parallel over nodes, each bounded by `timeout`; a node without an address
+    fails alone."""
     outcomes: dict[str, Outcome[T]] = {}
     targets = []
     for node in nodes:
@@ -212,8 +212,20 @@ def run_on_nodes(config: Config, gateway: SshGateway, nodes: Iterable[Node],
             targets.append(node_target(config, node))
         except ValueError as error:
             outcomes[node.instance_id or "?"] = _failed(str(error))
-    outcomes.update(gateway.run_parallel(targets, fn))
+    outcomes.update(gateway.run_parallel(targets, fn, timeout=timeout))
     return outcomes
+
+
+def desired_table(config: Config, master: Node, members: Sequence[Node],
+                  cpus: Mapping[str | None, int]) -> list[list[str]]:
+    """Master first, then the others by short name; `cpus` is keyed by instance id."""
+    multipliers = {g.name: g.multiplier for g in config.groups}
+    ordered = [master, *sorted((n for n in members if n.instance_id != master.instance_id),
+                               key=disco.short_name)]
+    return disco.host_table(
+        (disco.short_name(n), cpus[n.instance_id],
+         multipliers.get(n.group, config[f"{n.role.upper()}_MULTIPLIER"]))
+        for n in ordered)
 
 
 def _write_hosts(session: Session, members: Sequence[Node]) -> bool:

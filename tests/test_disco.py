@@ -10,6 +10,7 @@ import pytest
 from disposabledisco import disco
 from disposabledisco.cluster import Node
 from disposabledisco.config import parse_config
+from disposabledisco.doctor import Check, DoctorReport
 from tests.disco_double import DiscoDouble, TableRejected, validate_table
 
 BASE = {"AMI": "ami-0123456789abcdef0", "KEY_NAME": "k"}
@@ -165,22 +166,17 @@ def test_settings_values_and_user_overrides() -> None:
     cfg = config(DISCO_ROOT="/data/disco", DISCO_PORT=9000,
                  DISCO_SETTINGS={"DDFS_TAG_MIN_REPLICAS": 1, "DISCO_GC_AFTER": 3600,
                                  "DISCO_PROXY_ENABLED": "on", "DISCO_DEBUG": "it's \"x\""})
-    values = settings_namespace(disco.settings_py(cfg, 5, master_host="ip-10-0-0-1"))
+    values = settings_namespace(disco.settings_py(cfg, 5))
     assert values["DISCO_ROOT"] == "/data/disco"
     assert values["DISCO_DATA"] == "/data/disco/data"
     assert values["DISCO_PORT"] == 9000
     assert values["DISCO_USER"] == "disco"
-    assert values["DISCO_MASTER_HOST"] == "ip-10-0-0-1"
+    assert "DISCO_MASTER_HOST" not in values  # the master's bootstrap appends its own
     assert values["DDFS_TAG_MIN_REPLICAS"] == 1
     assert values["DDFS_BLOB_REPLICAS"] == 3
     assert values["DISCO_DEBUG"] == "it's \"x\""
     assert values["DISCO_ERLANG"].split()[0] == "erl"
     assert "inet_dist_listen_min 30000" in values["DISCO_ERLANG"]
-
-
-def test_settings_refuse_a_dotted_master_host() -> None:
-    with pytest.raises(ValueError):
-        disco.settings_py(config(), 3, master_host="ip-10-0-0-1.ec2.internal")
 
 
 # -- /etc/hosts -----------------------------------------------------------------------
@@ -220,3 +216,21 @@ def test_rewrite_hosts_keeps_a_line_that_already_maps_the_real_address() -> None
     current = "127.0.0.1 localhost\n127.10.0.4 ip-127-10-0-4\n"
     text = disco.rewrite_hosts(current, [node("127.10.0.4")])
     assert text.startswith(current)
+
+
+# -- doctor report --------------------------------------------------------------------
+
+def test_doctor_report_counts_failures_not_skips() -> None:
+    report = DoctorReport((
+        Check("ip-10-0-0-1 (master)", "host table", "ok", "fine"),
+        Check("ip-10-0-0-1 (master)", "disco master answers", "skipped", "DISCO_INSTALL none"),
+        Check("ip-10-0-0-2", "erlang cookie", "fail", "differs from the master's", "rejoin"),
+    ))
+    assert not report.ok
+    assert DoctorReport(report.checks[:2]).ok
+    text = report.to_text()
+    assert "SKIPPED" in text and "FAIL" in text and "- ip-10-0-0-2, erlang cookie: rejoin" in text
+    assert text.endswith("1 check(s) failed")
+    rows = report.to_json()["checks"]
+    assert [row["ok"] for row in rows] == [True, True, False]
+    assert json.loads(json.dumps(report.to_json()))["ok"] is False

@@ -132,7 +132,8 @@ class ProcessWatcher:
 
 def test_bootstrap_join_membership_and_doctor(cluster, node_farm: NodeFarm,  # noqa: F811
                                               tmp_path: Path) -> None:
-    prov, nodes, config = cluster()
+    # "pip" is already in a fresh venv, so the pip step works offline
+    prov, nodes, config = cluster(PIP_REQUIREMENTS=["pip"])
     master, slaves = nodes[0], nodes[1:]
 
     started = time.monotonic()
@@ -182,6 +183,15 @@ def test_bootstrap_join_membership_and_doctor(cluster, node_farm: NodeFarm,  # n
         key = " ".join(node_farm.host_public_key(slave.instance_id).split()[:2])
         assert f"{disco.short_name(slave)},{slave.private_ip} {key}" in known
 
+    # what Disco's master gets when it runs `ssh <slave> ...`: the venv's python first,
+    # Python warnings silenced (job output mixed with warnings breaks the worker protocol)
+    remote = as_disco(node_farm, master, shlex.join([
+        "ssh", "-n", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+        disco.short_name(slaves[0]),
+        "command -v python erl; python -c 'import warnings; warnings.warn(\"x\", "
+        "SyntaxWarning)' 2>&1"]))
+    assert remote == "/opt/disposabledisco/venv/bin/python\n/usr/bin/erl\n"
+
     # names resolve everywhere, the host table has string counts
     for node in nodes:
         hosts = sh(node_farm, node, "cat /etc/hosts")
@@ -208,6 +218,7 @@ def test_bootstrap_join_membership_and_doctor(cluster, node_farm: NodeFarm,  # n
     # re-running the bootstrap is quick, changes nothing and keeps the cluster's secrets
     rerun = prov.bootstrap(nodes)
     all_ok(rerun)
+    print("bootstrap again (no-op): " + ", ".join(f"{o.seconds:.2f} s" for o in rerun.values()))
     assert sh(node_farm, master, f"cat {COOKIE}") == cookie
     assert all("POST_INIT already ran" in "\n".join(prov.ssh.tail(n.instance_id, 40))
                for n in nodes)
