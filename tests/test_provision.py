@@ -360,3 +360,62 @@ def test_unknown_package_fails_fast_with_the_apt_reason(cluster) -> None:
     assert not outcome.ok
     assert "apt-get update" in outcome.error
     assert time.monotonic() - started < 60
+
+
+# -- apt mode, from a local apt source ---------------------------------------------------
+
+def build_deb(directory: Path, package: str) -> Path:
+    """A tiny .deb that installs the stand-in `disco` command."""
+    root = directory / package
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "DEBIAN/control").write_text(
+        f"Package: {package}\nVersion: 0.5.4-1\nArchitecture: all\n"
+        "Maintainer: tests <tests@example.org>\nDescription: stand-in Disco command\n")
+    script = root / "usr/bin/disco"
+    script.write_text(FAKE_DISCO)
+    script.chmod(0o755)
+    deb = directory / f"{package}_0.5.4-1_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)],
+                   check=True, capture_output=True)
+    return deb
+
+
+def apt_repository(directory: Path) -> bytes:
+    """A flat, trusted apt repository with disco-master and disco-node, as a tar stream."""
+    stanzas = []
+    for package in ("disco-master", "disco-node"):
+        deb = build_deb(directory, package)
+        data = deb.read_bytes()
+        stanzas.append(f"Package: {package}\nVersion: 0.5.4-1\nArchitecture: all\n"
+                       "Maintainer: tests <tests@example.org>\n"
+                       f"Filename: ./{deb.name}\nSize: {len(data)}\n"
+                       f"SHA256: {hashlib.sha256(data).hexdigest()}\n"
+                       "Description: stand-in Disco command\n")
+    (directory / "Packages").write_text("\n".join(stanzas))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in ("Packages", "disco-master_0.5.4-1_all.deb", "disco-node_0.5.4-1_all.deb"):
+            tar.add(directory / name, arcname=name)
+    return buffer.getvalue()
+
+
+def test_apt_mode_installs_the_role_package_from_the_configured_source(
+        cluster, node_farm: NodeFarm, tmp_path: Path) -> None:  # noqa: F811
+    repository = apt_repository(tmp_path)
+    prov, nodes, _ = cluster(DISCO_INSTALL="apt",
+                             DISCO_APT_SOURCE="deb [trusted=yes] file:///srv/ddrepo ./")
+    for node in nodes:  # an image whose only apt source will be ours
+        sh(node_farm, node, "rm -f /etc/apt/sources.list /etc/apt/sources.list.d/*")
+        node_farm.exec(node.instance_id, ["sh", "-c", "mkdir -p /srv/ddrepo && "
+                                                      "tar -x -C /srv/ddrepo"], input=repository)
+    all_ok(prov.bootstrap(nodes))
+    installed = {n.instance_id: sh(node_farm, n, "dpkg-query -W -f='${Package} ' "
+                                                 "disco-master disco-node 2>/dev/null", False)
+                 for n in nodes}
+    assert installed[nodes[0].instance_id].split() == ["disco-master"]
+    assert all(installed[n.instance_id].split() == ["disco-node"] for n in nodes[1:])
+    assert sh(node_farm, nodes[0], "cat /etc/apt/sources.list.d/disco.list") == \
+        "deb [trusted=yes] file:///srv/ddrepo ./\n"
+    all_ok(prov.bootstrap(nodes))  # everything installed: no apt-get update this time
+    assert "apt-get update" not in "\n".join(prov.ssh.tail(nodes[0].instance_id, 12))

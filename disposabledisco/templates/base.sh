@@ -173,7 +173,10 @@ fetch_disco_tarball() {
   fi
   local part=$STAGED_TARBALL.part
   case $DISCO_TARBALL_URL in
-  https://*) curl --fail --silent --show-error --location --retry 3 -o "$part" "$DISCO_TARBALL_URL" ;;
+  https://*)
+    command -v curl >/dev/null 2>&1 || die "DISCO_TARBALL is an https:// URL but curl is missing"
+    curl --fail --silent --show-error --location --retry 3 -o "$part" "$DISCO_TARBALL_URL"
+    ;;
   s3://*)
     command -v aws >/dev/null 2>&1 || die "DISCO_TARBALL is an s3:// URL but the aws CLI is missing"
     aws s3 cp --only-show-errors "$DISCO_TARBALL_URL" "$part"

@@ -6,7 +6,8 @@ ensure_cluster_key() {
   local home key
   home=$(disco_home)
   key=$home/.ssh/id_ed25519
-  if [[ ! -s $key ]]; then
+  # A key cut short by an interrupted ssh-keygen is unreadable: make it again.
+  if [[ ! -s $key ]] || ! ssh-keygen -y -f "$key" >/dev/null 2>&1; then
     log "creating the cluster SSH key"
     rm -f "$key" "$key.pub"
     runuser -u "$DISCO_USER" -- ssh-keygen -q -t ed25519 -N '' -C "$CLUSTER_KEY_COMMENT" -f "$key"
