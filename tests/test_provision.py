@@ -419,3 +419,24 @@ def test_apt_mode_installs_the_role_package_from_the_configured_source(
         "deb [trusted=yes] file:///srv/ddrepo ./\n"
     all_ok(prov.bootstrap(nodes))  # everything installed: no apt-get update this time
     assert "apt-get update" not in "\n".join(prov.ssh.tail(nodes[0].instance_id, 12))
+
+
+def test_preinstalled_without_disco_says_what_is_missing(cluster) -> None:
+    prov, nodes, _ = cluster(1, DISCO_INSTALL="preinstalled")
+    outcome = prov.bootstrap(nodes)[nodes[0].instance_id]
+    assert not outcome.ok
+    assert "not on the non-interactive PATH of disco: disco" in outcome.error
+
+
+def test_a_failed_bootstrap_is_not_stamped_and_a_rerun_finishes_it(
+        cluster, node_farm: NodeFarm, client_key) -> None:  # noqa: F811
+    prov, nodes, _ = cluster(1, POST_INIT="echo half-way > /root/half; exit 3")
+    node = nodes[0]
+    outcome = prov.bootstrap(nodes)[node.instance_id]
+    assert not outcome.ok and "POST_INIT failed (status 3)" in outcome.error
+    assert sh(node_farm, node, "cat /var/lib/disposabledisco/bootstrap.sha256", False) == ""
+    fixed = Provisioner(make_config(client_key.public), prov.ssh, prov.vcpus)
+    all_ok(fixed.bootstrap(nodes))
+    assert sh(node_farm, node, "cat /var/lib/disposabledisco/bootstrap.sha256") == \
+        bootstrap.digest(fixed.config, "master") + "\n"
+    assert sh(node_farm, node, "cat /root/post_init.out") == POST_INIT_OUTPUT
