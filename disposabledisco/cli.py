@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="at most N spot instances of TYPE (0 = an outage); repeatable")
     sandbox.add_argument("--fulfil-delay", type=float, default=3.0, metavar="SECONDS")
     sandbox.add_argument("--seed", type=int, default=0)
+    sandbox.add_argument("--network", default="127.42.0.0/16", metavar="CIDR",
+                         help="loopback VPC for the instances (inside 127.0.0.0/8)")
+    sandbox.add_argument("--demo", action="store_true",
+                         help="run the whole story (up --wait, status, doctor, an interruption "
+                              "healed, down) against the sandbox, then stop")
     return parser
 
 
@@ -233,22 +238,31 @@ def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .sandbox.run import SandboxError, SandboxOptions, serve
+    from .sandbox.run import SandboxError, SandboxOptions, demo, serve
     capacity: dict[str, int] = {}
     for item in args.capacity:
         instance_type, _, count = item.partition("=")
         if not count.isdigit():
             raise UsageError(f"--capacity {item!r} must look like m5.large=2")
         capacity[instance_type] = int(count)
+    import ipaddress
+    try:
+        network = ipaddress.IPv4Network(args.network)
+    except ValueError:
+        network = None
+    if network is None or not network.subnet_of(ipaddress.IPv4Network("127.0.0.0/8")) \
+            or network.prefixlen > 24:
+        raise UsageError(f"--network {args.network!r} must be a /24 or larger inside "
+                         "127.0.0.0/8, e.g. 127.42.0.0/16")
     if not 0 <= args.interruption_rate <= 1:
         raise UsageError("--interruption-rate is a chance per minute: give 0 to 1")
     options = SandboxOptions(Path(args.dir), slaves=args.slaves, port=args.port,
                              spot_price=args.spot_price, fulfil_delay=args.fulfil_delay,
                              interruption_rate=args.interruption_rate,
                              price_volatility=args.price_volatility, capacity=capacity,
-                             seed=args.seed)
+                             seed=args.seed, network=str(network))
     try:
-        return serve(options)
+        return demo(options) if args.demo else serve(options)
     except SandboxError as error:
         print(f"disposabledisco: {error}", file=sys.stderr)
         return EXIT_FAILED

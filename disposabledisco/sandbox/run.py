@@ -9,9 +9,12 @@ config uses `DISCO_INSTALL: "none"`: everything but installing and starting Disc
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +48,7 @@ class SandboxOptions:
     price_volatility: float = 0.0
     capacity: dict[str, int] = field(default_factory=dict)
     seed: int = 0
+    network: str = "127.42.0.0/16"  # instances get .4, .5, … of its first /24
 
 
 class Sandbox:
@@ -79,7 +83,10 @@ class Sandbox:
         self.market.on_launch(self.farm.on_launch)
         self.market.on_terminate(self.farm.on_terminate)
         self.endpoint = LocalEc2(port=options.port, market=self.market).start()
-        network = self.endpoint.setup_loopback_network(public_key=public)
+        vpc = ipaddress.IPv4Network(options.network)
+        subnet = next(vpc.subnets(new_prefix=max(vpc.prefixlen, 24)))
+        network = self.endpoint.setup_loopback_network(str(vpc), str(subnet),
+                                                       public_key=public)
         self.market.background(0.5)
         config = sandbox_config(self.endpoint, network, key_file, public, options)
         _write_private(self.config_path, json.dumps(config, indent=2) + "\n")
@@ -129,7 +136,7 @@ def _write_private(path: Path, text: str) -> None:
 def usage_text(config_path: Path, url: str) -> str:
     config = str(config_path)
     return "\n".join([
-        f"sandbox running: EC2 endpoint {url}, SSH nodes on 127.10.0.x",
+        f"sandbox running: EC2 endpoint {url}, an SSH node for every instance it launches",
         f"config written to {config}",
         "",
         "in another terminal:",
@@ -141,6 +148,44 @@ def usage_text(config_path: Path, url: str) -> str:
         "",
         "press Ctrl-C here to stop the sandbox (every node and its changes vanish)",
     ])
+
+
+def demo(options: SandboxOptions, say: Callable[[str], None] = print) -> int:
+    """The whole story in one command: converge, inspect, lose a slave, heal, tear down.
+
+    Every step is the real CLI in a child process, exactly as a user would type it.
+    """
+    with Sandbox(options) as sandbox:
+        config = str(sandbox.config_path)
+        steps: list[tuple[str, list[str], Callable[[], None] | None]] = [
+            ("converge the cluster", ["up", config, "--wait", "--timeout", "600"], None),
+            ("what exists", ["status", config], None),
+            ("check it end to end", ["doctor", config], None),
+            ("a spot slave is interrupted; heal", ["up", config, "--wait", "--timeout", "600"],
+             lambda: _interrupt_one_slave(sandbox)),
+            ("tear it down", ["down", config, "--yes"], None),
+        ]
+        for title, argv, before in steps:
+            if before is not None:
+                before()
+            say(f"\n$ disposabledisco {' '.join(argv)}    # {title}")
+            code = subprocess.run([sys.executable, "-m", "disposabledisco.cli", *argv],
+                                  check=False).returncode
+            if code != 0:
+                say(f"step failed with exit code {code}; logs are in {sandbox.directory}")
+                return code
+        say("\nsandbox demo finished: the cluster converged, healed and was taken down")
+    return 0
+
+
+def _interrupt_one_slave(sandbox: Sandbox) -> None:
+    client = sandbox.endpoint.client()
+    reservations = client.describe_instances(Filters=[
+        {"Name": "tag:sandbox", "Values": ["slave"]},
+        {"Name": "instance-state-name", "Values": ["running"]}])["Reservations"]
+    victims = sorted(i["InstanceId"] for r in reservations for i in r["Instances"])
+    if victims:
+        sandbox.market.interrupt(victims[0])
 
 
 def serve(options: SandboxOptions, say: Callable[[str], None] = print,
