@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .bootstrap import BootstrapError
 from .config import Config, ConfigError, load_config
 from .ec2 import AwsError, Ec2Gateway
 from .lock import LockHeld, cluster_lock
@@ -26,6 +27,7 @@ from .reconcile import (
     EXIT_PROGRESSING,
     NodeWorker,
     PassReport,
+    desired_state,
     observe,
     run_pass,
 )
@@ -115,7 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_CONVERGED
         if getattr(args, "timeout", None) is not None and not args.wait:
             raise UsageError("--timeout only goes with --wait: add --wait or drop --timeout")
+        desired_state(config)  # reads a local DISCO_TARBALL: fail before any EC2 call
         return COMMANDS[args.command](config, args)
+    except BootstrapError as error:
+        print(f"{args.config}: {error}; fix DISCO_TARBALL or the file", file=sys.stderr)
+        return EXIT_INVALID
     except ConfigError as error:
         for problem in error.problems:
             print(f"{getattr(args, 'config', 'config')}: {problem}", file=sys.stderr)

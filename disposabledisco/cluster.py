@@ -33,6 +33,11 @@ class Desired:
 
     bootstrap: Mapping[str, str] = field(default_factory=dict)
     open_timeout: timedelta = timedelta(minutes=10)
+    join_suffix: str = ""  # changes when what a join installs changes (a local tarball)
+
+    def join_tag(self, master_id: str) -> str:
+        """The `joined` tag value of a slave joined to this master with the current inputs."""
+        return master_id + self.join_suffix
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class Cluster:
     """Every node found by the cluster's tag key, with queries the planner needs."""
 
     nodes: tuple[Node, ...]
+    desired: Desired = field(default_factory=Desired)
 
     def of(self, role: str, group: str | None = None) -> list[Node]:
         return [n for n in self.nodes
@@ -139,7 +145,7 @@ def build_cluster(requests: Iterable[Mapping], instances: Iterable[Mapping], tag
     for instance_id, instance in by_id.items():
         if instance_id not in claimed:
             nodes.append(_node(tag_key, desired, now, None, instance, instance_id))
-    return _require_join(Cluster(tuple(nodes)))
+    return _require_join(Cluster(tuple(nodes), desired))
 
 
 def _require_join(cluster: Cluster) -> Cluster:
@@ -149,11 +155,12 @@ def _require_join(cluster: Cluster) -> Cluster:
     nodes = []
     for node in cluster.nodes:
         if node.role == "slave" and node.state == "ready" and (
-                master_id is None or node.tags.get(TAG_JOINED) != master_id):
+                master_id is None
+                or node.tags.get(TAG_JOINED) != cluster.desired.join_tag(master_id)):
             reason = "waiting to join the master" if master_id else "waiting for the master"
             node = replace(node, state="running", reason=reason)
         nodes.append(node)
-    return Cluster(tuple(nodes))
+    return Cluster(tuple(nodes), cluster.desired)
 
 
 def _tags(resource: Mapping | None) -> dict[str, str]:

@@ -113,9 +113,14 @@ class PassReport:
 
 
 def desired_state(config: Config) -> Desired:
+    """What 'done' means this pass; reads a local DISCO_TARBALL to hash it."""
+    suffix = ""
+    if bootstrap.local_tarball(config) is not None:
+        suffix = "@" + bootstrap.tarball_sha256(config)[:16]
     return Desired(bootstrap={role: bootstrap.digest(config, role) for role in
                               ("master", "slave")},
-                   open_timeout=timedelta(minutes=config["SPOT_OPEN_TIMEOUT_MINUTES"]))
+                   open_timeout=timedelta(minutes=config["SPOT_OPEN_TIMEOUT_MINUTES"]),
+                   join_suffix=suffix)
 
 
 def observe(config: Config, ec2: Ec2Gateway, now: datetime | None = None) -> Cluster:
@@ -156,6 +161,7 @@ class _Applier:
                              if n.tags.get(TAG_BOOTSTRAP) == desired.get(n.role)}
         self.joined = {i: n.tags.get(TAG_JOINED) for i, n in self.by_id.items()}
         self.digests = desired
+        self.join_tag = cluster.desired.join_tag
 
     def apply(self, action: Action) -> ActionResult:
         handler = getattr(self, "_" + type(action).__name__)
@@ -217,8 +223,8 @@ class _Applier:
         self._record_failures(outcomes)
         done = [i for i, o in outcomes.items() if o.ok]
         if done:
-            self.ec2.tag(done, {TAG_JOINED: action.master_id})
-        self.joined.update({i: action.master_id for i in done})
+            self.ec2.tag(done, {TAG_JOINED: self.join_tag(action.master_id)})
+        self.joined.update({i: self.join_tag(action.master_id) for i in done})
         return _node_result(action, outcomes)
 
     def _record_failures(self, outcomes: dict[str, NodeOutcome]) -> None:
@@ -243,7 +249,8 @@ class _Applier:
         if action.master_id not in self.bootstrapped:
             return ActionResult(action, True, "master not bootstrapped yet", skipped=True)
         slaves = [self.by_id[i] for i in action.member_ids if i != action.master_id
-                  and i in self.bootstrapped and self.joined.get(i) == action.master_id]
+                  and i in self.bootstrapped
+                  and self.joined.get(i) == self.join_tag(action.master_id)]
         digest = membership_digest(master, slaves, multipliers(self.config))
         if master.tags.get(TAG_HOSTS) == digest:
             return ActionResult(action, True, "host table already current", skipped=True)

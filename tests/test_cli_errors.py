@@ -126,3 +126,12 @@ def test_ec2_refusal_is_one_clear_line_exit_1(ec2_env, ec2_validates, tmp_path, 
     assert len(failures) == 2  # master and slaves: each bid reports its own refusal
     assert all(code in line and hint in line for line in failures), out
     assert "Traceback" not in out
+
+
+def test_missing_local_tarball_is_a_config_error_before_any_ec2_call(tmp_path, capsys, calls):
+    path = write(tmp_path, {**GOOD, "DISCO_INSTALL": "tarball",
+                            "DISCO_TARBALL": str(tmp_path / "disco.tar.gz")})
+    assert main(["up", path]) == 2
+    err = capsys.readouterr().err
+    assert "DISCO_TARBALL" in err and "disco.tar.gz" in err
+    assert calls == []

@@ -373,3 +373,13 @@ def test_budget_still_heals_inside_it():
     p = plan(cfg, converged(cfg, [node(), node(), lost]), NOW)
     assert launches(p) == [("slave", "m5.large", 1, "spot")]
     assert p.problems == ()
+
+
+def test_new_tarball_makes_joined_slaves_join_again():
+    from disposabledisco.cluster import Desired
+    cfg = config(NUM_SLAVES=1)
+    cluster = converged(cfg, [node()])
+    rebuilt = Cluster(cluster.nodes, Desired(join_suffix="@newtarball"))
+    p = plan(cfg, rebuilt, NOW)
+    slave = next(n for n in cluster.nodes if n.role == "slave")
+    assert only(p, Join).slave_ids == (slave.instance_id,)
