@@ -263,6 +263,22 @@ def _error(code: str, message: str) -> EC2ClientError:
     return EC2ClientError(code, message)
 
 
+def _replayed(token: str | None, seen: Mapping[str, tuple[str, Any]],
+              params: Mapping[str, Any]) -> Any:
+    """What an earlier call with this ClientToken created, as EC2 answers a retried create.
+
+    None when the token is new; IdempotentParameterMismatch when it comes back with
+    different parameters.
+    """
+    if not token or token not in seen:
+        return None
+    fingerprint, created = seen[token]
+    if fingerprint != _fingerprint(params):
+        raise _error("IdempotentParameterMismatch",
+                     f"Client token '{token}' was already used with different parameters.")
+    return created
+
+
 def _fingerprint(params: Mapping[str, Any]) -> str:
     """Parameters of a create call minus the ones that may differ between retries."""
     kept = {k: v for k, v in params.items() if k not in ("ClientToken", "DryRun")}
@@ -753,12 +769,8 @@ class SpotMarket:
                              f"'{rtype}' is not a valid taggable resource type for this "
                              "operation.")
         token = params.get("ClientToken")
-        if token and token in state.spot_tokens:
-            fingerprint, ids = state.spot_tokens[token]
-            if fingerprint != _fingerprint(params):
-                raise _error("IdempotentParameterMismatch",
-                             f"Client token '{token}' was already used with different "
-                             "parameters.")
+        ids = _replayed(token, state.spot_tokens, params)
+        if ids is not None:
             resp.error_on_dryrun()
             known = state.backend.spot_instance_requests
             return ActionResult({"SpotInstanceRequests": [known[i] for i in ids
@@ -859,12 +871,8 @@ class SpotMarket:
     def _h_run_instances(self, resp: Any, original: Any, state: _BackendState) -> Any:
         params = resp.params or {}
         token = params.get("ClientToken")
-        if token and token in state.run_tokens:
-            fingerprint, reservation_id = state.run_tokens[token]
-            if fingerprint != _fingerprint(params):
-                raise _error("IdempotentParameterMismatch",
-                             f"Client token '{token}' was already used with different "
-                             "parameters.")
+        reservation_id = _replayed(token, state.run_tokens, params)
+        if reservation_id is not None:
             resp.error_on_dryrun()
             return ActionResult(state.backend.reservations[reservation_id])
         market_options = params.get("InstanceMarketOptions") or {}
