@@ -230,6 +230,12 @@ class Ec2Gateway:
             self._retry_not_found(lambda c=chunk: self.client.create_tags(
                 Resources=c, Tags=tag_list))
 
+    def untag(self, instance_ids: list[str], keys: list[str]) -> None:
+        """Remove tags (whatever their value) from many instances in one call per 1000."""
+        for chunk in _chunks(list(instance_ids), 1000):
+            self._retry_not_found(lambda c=chunk: self.client.delete_tags(
+                Resources=c, Tags=[{"Key": k} for k in keys]))
+
     def cancel(self, request_ids: list[str]) -> None:
         for chunk in _chunks(list(request_ids)):
             self._retry_not_found(lambda c=chunk: self.client.cancel_spot_instance_requests(

@@ -228,7 +228,20 @@ class _Applier:
         return _node_result(action, outcomes)
 
     def _record_failures(self, outcomes: dict[str, NodeOutcome]) -> None:
-        """Count failures in tags, so a node that never works is replaced after a while."""
+        """Count failures in tags, so a node that never works is replaced after a while.
+
+        A node that works again loses those tags, so an old failure never counts against
+        it later.
+        """
+        recovered = [i for i, o in outcomes.items() if o.ok and (
+            {TAG_FAILURES, TAG_UNREACHABLE} & set(self.by_id[i].tags))]
+        if recovered:
+            self.ec2.untag(recovered, [TAG_FAILURES, TAG_UNREACHABLE])
+            for instance_id in recovered:
+                node = self.by_id[instance_id]
+                self.by_id[instance_id] = replace(node, tags={
+                    k: v for k, v in node.tags.items()
+                    if k not in (TAG_FAILURES, TAG_UNREACHABLE)})
         for instance_id, outcome in outcomes.items():
             if outcome.ok:
                 continue
@@ -268,8 +281,8 @@ def _with_tag(node: Node, key: str, value: str) -> Node:
 
 
 def _tail(outcome: Any) -> str:
-    return (outcome.error or "failed") + (
-        "\n" + outcome.log_tail if getattr(outcome, "log_tail", None) else "")
+    """The one-line error, then the node log's last lines for the report."""
+    return "\n".join([outcome.error or "failed", *(getattr(outcome, "log_tail", None) or ())])
 
 
 def _node_result(action: Action, outcomes: dict[str, Any]) -> ActionResult:

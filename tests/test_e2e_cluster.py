@@ -58,10 +58,8 @@ POST_INIT_LITERAL = """single 'quotes' and "double quotes"
 dollar $HOME and ${HOME} and $(id -u)
 backticks `hostname` and a backslash \\n
 """
-TAIL_BUG = ("reconcile._tail does `str + outcome.log_tail` but Outcome.log_tail is a tuple: "
-            "any failed node crashes the pass with TypeError")
 #: the dead node's SSH deadline for the dead-sshd scenario (the config has no key for it)
-DEAD_NODE_DEADLINE = 6.0
+DEAD_NODE_DEADLINE = 8.0
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -488,7 +486,6 @@ def test_replacing_the_master(e2e: E2eEnv, shared: Shared) -> None:
     assert code == 0, out + err
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=TAIL_BUG)
 def test_dead_sshd_fails_alone_within_its_deadline(e2e: E2eEnv, gateways: list[SshGateway],
                                                    ) -> None:
     """4: a slave whose sshd is dead costs the pass at most its own SSH deadline, is named
@@ -509,11 +506,11 @@ def test_dead_sshd_fails_alone_within_its_deadline(e2e: E2eEnv, gateways: list[S
         assert DEAD_NODE_DEADLINE <= took < DEAD_NODE_DEADLINE + 20, took
         dead_log = (cfg.log_dir / f"{dead}.log").read_text()
         assert dead_log.count("connect attempt") > 1
-        # the others finished while the dead node was still being retried
+        # the others finished while the dead node was still being retried (1 s resolution)
         gave_up = log_times(dead_log, "FAILED:")[-1]
         for other in (i for i in instances if i != dead):
             done = log_times((cfg.log_dir / f"{other}.log").read_text(), "bootstrap done")
-            assert done and done[-1] <= gave_up - 2, (other, done, gave_up)
+            assert done and done[-1] < gave_up, (other, done, gave_up)
 
         cluster = observe_cluster(cfg)
         states = {n.instance_id: n.state for n in live(cluster)}
@@ -523,7 +520,6 @@ def test_dead_sshd_fails_alone_within_its_deadline(e2e: E2eEnv, gateways: list[S
         terminate_cluster(e2e.client, cfg.tag_key)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=TAIL_BUG)
 def test_changed_host_key_is_refused(e2e: E2eEnv) -> None:
     """5: a ready slave that presents a new host key is refused (exit 1, instance and
     "host key" named); the other nodes still get their new bootstrap."""
