@@ -1,7 +1,7 @@
 """Pytest fixtures for end-to-end runs: local EC2 endpoint + spot market + real SSH nodes.
 
 Registered from ``tests/conftest.py``. The ``e2e`` fixture (module scope) yields an
-:class:`E2eEnv` ``(new_config, client, farm, market)``:
+:class:`E2eEnv` ``(new_config, client, farm, market, endpoint)``:
 
 * ``new_config(tag_key, slaves, **overrides)`` makes a cluster of its own — a fresh
   loopback subnet (so its nodes never collide with another cluster's or another test
@@ -13,7 +13,9 @@ Registered from ``tests/conftest.py``. The ``e2e`` fixture (module scope) yields
 * ``farm`` is the :class:`NodeFarm` whose sshd nodes the market starts for every launched
   instance (``market.on_launch``) and stops on termination (``market.on_terminate``);
 * ``market`` is the :class:`SpotMarket`, ticking in the background with a short
-  fulfilment delay, so ``up --wait`` sees the real open → active life cycle quickly.
+  fulfilment delay, so ``up --wait`` sees the real open → active life cycle quickly;
+* ``endpoint`` is the :class:`LocalEc2` server (``set_http_hook(..., slot="test")``
+  counts the EC2 calls a pass makes, as the server sees them).
 
 The module is skipped with the reason when this machine cannot run real SSH nodes
 (not root, no sshd, no overlayfs…) or has no ``erl`` for the Erlang checks.
@@ -27,7 +29,7 @@ import os
 import random
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -69,7 +71,6 @@ class ClusterConfig:
     values: dict[str, Any]
     subnet: str
     key_file: Path
-    history: list[dict[str, Any]] = field(default_factory=list)
 
     def __call__(self, **overrides: Any) -> Path:
         self.values.update(overrides)
@@ -77,7 +78,6 @@ class ClusterConfig:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(text + "\n")
-        self.history.append(dict(self.values))
         return self.path
 
     @property
@@ -92,15 +92,6 @@ class ClusterConfig:
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
-
-    def variant(self, name: str, **overrides: Any) -> Path:
-        """Another file next to this one with some keys changed (this one stays as is)."""
-        path = self.path.with_name(f"{self.path.stem}-{name}.json")
-        values = {**self.values, **overrides}
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps({k: v for k, v in values.items() if v is not None}))
-        return path
 
 
 class E2eEnv(NamedTuple):
@@ -129,6 +120,18 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2eEnv]:
     reason = e2e_unavailable()
     if reason:
         pytest.skip(reason)
+    with pytest.MonkeyPatch.context() as patch:
+        # the configs name endpoint and keys; nothing from the caller's AWS setup may
+        # interfere (a missing AWS_PROFILE would break every boto3 session)
+        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN",
+                     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_EC2", "AWS_CONFIG_FILE",
+                     "AWS_SHARED_CREDENTIALS_FILE"):
+            patch.delenv(name, raising=False)
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        yield from _e2e_env(tmp_path_factory)
+
+
+def _e2e_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2eEnv]:
     root = tmp_path_factory.mktemp("e2e")
     private, public = generate_ed25519_key("disposabledisco-e2e")
     key_file = root / "id_ed25519"
