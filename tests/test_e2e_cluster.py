@@ -175,6 +175,25 @@ def ec2_calls(env: E2eEnv) -> Iterator[list[str]]:
         env.endpoint.set_http_hook(None, slot="test")
 
 
+STEADY_CALLS = ["DescribeInstances", "DescribeSpotInstanceRequests"]
+
+
+def assert_quiet_pass(env: E2eEnv, cfg: ClusterConfig, gateways: list[SshGateway],
+                      exact_calls: bool = True) -> list[str]:
+    """One more pass is converged: exit 0, no SSH (needs `gateways`), and the 2 describes
+    (with `exact_calls` False: describes only). Returns the calls."""
+    logs = log_sizes(cfg)
+    with ec2_calls(env) as calls:
+        code, out, err = cli("up", str(cfg.path))
+    assert code == 0, out + err
+    if exact_calls:
+        assert sorted(calls) == STEADY_CALLS
+    assert set(calls) <= set(STEADY_CALLS), calls
+    assert gateways and gateways[-1].sessions_opened == 0
+    assert log_sizes(cfg) == logs
+    return calls
+
+
 @pytest.fixture
 def gateways(monkeypatch: pytest.MonkeyPatch) -> list[SshGateway]:
     """Every SSH gateway an in-process pass builds (to count its sessions)."""
@@ -305,13 +324,7 @@ def test_changing_packages_rebootstraps_every_node_once(e2e: E2eEnv, shared: Sha
         assert new == [wanted[node.role]], f"{node.role} {node.instance_id}: {new}"
         assert sh(e2e, node.instance_id, f"cat {STAMP}").strip() == wanted[node.role]
 
-    logs = log_sizes(shared.cfg)
-    with ec2_calls(e2e) as calls:
-        code, out, err = cli("up", str(path))
-    assert code == 0, out + err
-    assert sorted(calls) == ["DescribeInstances", "DescribeSpotInstanceRequests"]
-    assert gateways[-1].sessions_opened == 0
-    assert log_sizes(shared.cfg) == logs
+    assert_quiet_pass(e2e, shared.cfg, gateways)
 
 
 def test_post_init_runs_exactly_as_written(e2e: E2eEnv, shared: Shared) -> None:
@@ -409,9 +422,11 @@ def test_erlang_ping_from_master_to_every_slave(e2e: E2eEnv, shared: Shared) -> 
     assert answers == {target: "pong" for target in targets}, out
 
 
-def test_host_table_and_scale_down(e2e: E2eEnv, shared: Shared) -> None:
+def test_host_table_and_scale_down(e2e: E2eEnv, shared: Shared,
+                                   gateways: list[SshGateway]) -> None:
     """9: the host table lists master + ready slaves with vCPUs x multiplier as strings;
-    after scaling 4 -> 2 the removed slaves leave the table and every /etc/hosts block."""
+    after scaling 4 -> 2 the removed slaves leave the table and every /etc/hosts block,
+    and the next pass is quiet again."""
     vcpus = e2e.client.describe_instance_types(InstanceTypes=["m5.large"])[
         "InstanceTypes"][0]["VCpuInfo"]["DefaultVCpus"]
     cluster = observe_cluster(shared.cfg)
@@ -443,11 +458,15 @@ def test_host_table_and_scale_down(e2e: E2eEnv, shared: Shared) -> None:
     members = {(n.private_ip, short_name(n)) for n in [master, *kept]}
     for node in [master, *kept]:
         assert hosts_block(e2e, node.instance_id) == members, node.instance_id
+    # exactly 2 calls is test_converged_pass_after_a_lost_slave_makes_two_calls's business
+    assert_quiet_pass(e2e, shared.cfg, gateways, exact_calls=False)
 
 
-def test_replacing_the_master(e2e: E2eEnv, shared: Shared) -> None:
+def test_replacing_the_master(e2e: E2eEnv, shared: Shared,
+                              gateways: list[SshGateway]) -> None:
     """10: the master's instance dies; `up --wait` brings a new master and the surviving
-    slaves re-join it (same instances, new shared cookie, trusted host keys)."""
+    slaves re-join it (same instances, new shared cookie, trusted host keys); the next
+    pass is quiet again."""
     cluster = observe_cluster(shared.cfg)
     old_master, slaves = cluster.master, live(cluster, "slave")
     assert old_master is not None and slaves
@@ -483,6 +502,7 @@ def test_replacing_the_master(e2e: E2eEnv, shared: Shared) -> None:
         assert lines, f"no known_hosts line with {slave.instance_id}'s host key"
         assert set(lines[0].split(" ", 1)[0].split(",")) >= {short_name(slave),
                                                               slave.private_ip}
+    assert_quiet_pass(e2e, shared.cfg, gateways, exact_calls=False)
 
 
 def test_dead_sshd_fails_alone_within_its_deadline(e2e: E2eEnv, gateways: list[SshGateway],
@@ -584,3 +604,61 @@ def cli_with_deadline(gateways: list[SshGateway], *argv: str) -> tuple[int, str,
         return cli(*argv)
     finally:
         provision.ssh_gateway_for = real
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "Ec2Gateway.observe looks up the InstanceId of every request that is not in the "
+    "tag-filtered describe, closed ones included: a slave lost once costs every converged "
+    "pass a third call (DescribeInstances) for as long as EC2 lists the closed request"))
+def test_converged_pass_after_a_lost_slave_makes_two_calls(e2e: E2eEnv,
+                                                          gateways: list[SshGateway]) -> None:
+    """2b: the 2-call steady state also holds once a spot slave was lost and replaced."""
+    cfg = e2e.new_config("e2elost", 1)
+    try:
+        code, out, err = cli("up", str(cfg.path), "--wait", "--timeout", "120")
+        assert code == 0, out + err
+        (lost,) = live(observe_cluster(cfg), "slave")
+        e2e.market.interrupt(lost.instance_id)
+        wait_until("the interrupted slave's node to stop",
+                   lambda: lost.instance_id not in e2e.farm.nodes)
+        code, out, err = cli("up", str(cfg.path), "--wait", "--timeout", "120")
+        assert code == 0, out + err
+        (replacement,) = live(observe_cluster(cfg), "slave")
+        assert replacement.instance_id != lost.instance_id
+        assert_quiet_pass(e2e, cfg, gateways)
+    finally:
+        terminate_cluster(e2e.client, cfg.tag_key)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "the master's known_hosts is written only by Join, and a slave's `joined` tag does not "
+    "depend on its pinned host key: after the pin is forgotten and re-made, the master "
+    "keeps the old key, so Disco's master cannot ssh to that slave while `up` says "
+    "converged"))
+def test_forgetting_a_changed_host_key_as_told_repairs_the_cluster(e2e: E2eEnv) -> None:
+    """5b: the refusal says "forget its key and run again"; doing so must give a cluster
+    that works, including the master's own SSH trust in that slave (what Disco uses)."""
+    cfg = e2e.new_config("e2erekey", 1)
+    try:
+        code, out, err = cli("up", str(cfg.path), "--wait", "--timeout", "120")
+        assert code == 0, out + err
+        cluster = observe_cluster(cfg)
+        master, (victim,) = cluster.master, live(cluster, "slave")
+        new_key = e2e.farm.replace_host_key(victim.instance_id)
+        code, out, err = cli("up", str(cfg(ADDITIONAL_PACKAGES=["sudo"])))
+        assert code == 1 and "host key" in out, out + err
+
+        forget = re.search(r"delete (\S+)\)", out)
+        assert forget, out
+        Path(forget.group(1)).unlink()
+        code, out, err = cli("up", str(cfg.path), "--wait", "--timeout", "120")
+        assert code == 0, out + err
+        known = sh(e2e, master.instance_id,
+                   f"cat {disco_home(e2e, master.instance_id)}/.ssh/known_hosts")
+        entries = [line for line in known.splitlines()
+                   if short_name(victim) in line.split(" ", 1)[0].split(",")]
+        assert [line.split(" ", 1)[1] for line in entries] == [new_key], known
+        code, out, err = cli("doctor", str(cfg.path))
+        assert code == 0, out + err
+    finally:
+        terminate_cluster(e2e.client, cfg.tag_key)
