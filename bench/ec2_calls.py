@@ -25,7 +25,7 @@ from disposabledisco.config import parse_config  # noqa: E402
 from disposabledisco.disco import membership_digest  # noqa: E402
 from disposabledisco.ec2 import Ec2Gateway  # noqa: E402
 from disposabledisco.plan import multipliers  # noqa: E402
-from disposabledisco.reconcile import desired_state, observe, run_pass  # noqa: E402
+from disposabledisco.reconcile import observe, run_pass  # noqa: E402
 from disposabledisco.sandbox.endpoint import LocalEc2  # noqa: E402
 
 
@@ -47,15 +47,16 @@ def make_config(endpoint: LocalEc2, network: dict, slaves: int, state_dir: str):
 def mark_converged(config, admin) -> None:
     """Record the node phase as done in tags, as the SSH side would after bootstrapping."""
     cluster = observe(config, Ec2Gateway(config, client=admin))
-    digests = desired_state(config).bootstrap
+    digests = cluster.desired.bootstrap
     master = cluster.master
     slaves = [n for n in cluster.nodes if n.role == "slave" and n.is_live]
     admin.create_tags(Resources=[master.instance_id],
                       Tags=[{"Key": TAG_BOOTSTRAP, "Value": digests["master"]}])
+    joined = cluster.desired.join_tag(master.instance_id, "")  # no SSH here: nothing pinned
     for start in range(0, len(slaves), 500):
         admin.create_tags(Resources=[n.instance_id for n in slaves[start:start + 500]],
                           Tags=[{"Key": TAG_BOOTSTRAP, "Value": digests["slave"]},
-                                {"Key": TAG_JOINED, "Value": master.instance_id}])
+                                {"Key": TAG_JOINED, "Value": joined}])
     digest = membership_digest(master, slaves, multipliers(config))
     admin.create_tags(Resources=[master.instance_id], Tags=[{"Key": TAG_HOSTS, "Value": digest}])
 

@@ -34,10 +34,19 @@ class Desired:
     bootstrap: Mapping[str, str] = field(default_factory=dict)
     open_timeout: timedelta = timedelta(minutes=10)
     join_suffix: str = ""  # changes when what a join installs changes (a local tarball)
+    pins: Mapping[str, str] = field(default_factory=dict)  # instance id → host key digest
 
-    def join_tag(self, master_id: str) -> str:
-        """The `joined` tag value of a slave joined to this master with the current inputs."""
-        return master_id + self.join_suffix
+    def join_tag(self, master_id: str, slave_id: str) -> str:
+        """The `joined` tag of a slave joined to this master with today's inputs.
+
+        It names the slave's pinned host key too: the master's known_hosts is written
+        at join, so a re-pinned slave (its key forgotten and seen anew) must join again.
+        """
+        return join_tag(master_id, self.join_suffix, self.pins.get(slave_id))
+
+
+def join_tag(master_id: str, suffix: str, pin: str | None) -> str:
+    return f"{master_id}{suffix}#{pin or 'unpinned'}"
 
 
 @dataclass(frozen=True)
@@ -156,7 +165,8 @@ def _require_join(cluster: Cluster) -> Cluster:
     for node in cluster.nodes:
         if node.role == "slave" and node.state == "ready" and (
                 master_id is None
-                or node.tags.get(TAG_JOINED) != cluster.desired.join_tag(master_id)):
+                or node.tags.get(TAG_JOINED) != cluster.desired.join_tag(
+                    master_id, node.instance_id)):
             reason = "waiting to join the master" if master_id else "waiting for the master"
             node = replace(node, state="running", reason=reason)
         nodes.append(node)

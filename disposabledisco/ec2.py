@@ -90,6 +90,17 @@ def make_client(config: Config, session: boto3.session.Session | None = None) ->
     return session.client("ec2", **kwargs)
 
 
+def _may_have_live_instance(request: Mapping) -> bool:
+    """Fulfilled and not ended: its instance may be live but not tagged by us yet.
+
+    A closed request keeps the id of its dead instance for hours; asking for that would
+    cost every later pass a call.
+    """
+    return bool(request.get("InstanceId")) and (
+        request.get("State") == "active"
+        or request.get("Status", {}).get("Code") == "request-canceled-and-instance-running")
+
+
 def _chunks(items: list[str], size: int = FILTER_CHUNK) -> Iterable[list[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -125,8 +136,8 @@ class Ec2Gateway:
         instances = self._instances(Filters=[
             tag_filter, {"Name": "instance-state-name", "Values": WATCHED_INSTANCE_STATES}])
         known = {i["InstanceId"] for i in instances}
-        untagged = sorted({r["InstanceId"] for r in requests
-                           if r.get("InstanceId") and r["InstanceId"] not in known})
+        untagged = sorted({r["InstanceId"] for r in requests if _may_have_live_instance(r)
+                           and r["InstanceId"] not in known})
         for chunk in _chunks(untagged):
             instances += self._instances(Filters=[
                 {"Name": "instance-id", "Values": chunk},

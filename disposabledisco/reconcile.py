@@ -7,7 +7,8 @@ instance tags, which is how the next pass knows a node is done without opening S
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
@@ -24,10 +25,12 @@ from .cluster import (
     Desired,
     Node,
     build_cluster,
+    join_tag,
 )
 from .config import Config
 from .disco import membership_digest
 from .ec2 import AwsError, Ec2Gateway
+from .hostkeys import HostKeyStore
 from .plan import (
     Action,
     ApplyMembership,
@@ -112,20 +115,27 @@ class PassReport:
         return EXIT_CONVERGED if self.converged else EXIT_PROGRESSING
 
 
-def desired_state(config: Config) -> Desired:
-    """What 'done' means this pass; reads a local DISCO_TARBALL to hash it."""
+def desired_state(config: Config, instance_ids: Iterable[str] = ()) -> Desired:
+    """What 'done' means this pass; reads a local DISCO_TARBALL and the pinned host keys."""
     suffix = ""
     if bootstrap.local_tarball(config) is not None:
         suffix = "@" + bootstrap.tarball_sha256(config)[:16]
     return Desired(bootstrap={role: bootstrap.digest(config, role) for role in
                               ("master", "slave")},
                    open_timeout=timedelta(minutes=config["SPOT_OPEN_TIMEOUT_MINUTES"]),
-                   join_suffix=suffix)
+                   join_suffix=suffix, pins=pin_digests(config, instance_ids))
+
+
+def pin_digests(config: Config, instance_ids: Iterable[str]) -> dict[str, str]:
+    """A short digest of each instance's pinned host key (instances never reached: none)."""
+    pinned = HostKeyStore(config.state_dir).pinned(instance_ids)
+    return {i: hashlib.sha256(key.line().encode()).hexdigest()[:12] for i, key in pinned.items()}
 
 
 def observe(config: Config, ec2: Ec2Gateway, now: datetime | None = None) -> Cluster:
     seen = ec2.observe()
-    return build_cluster(seen.requests, seen.instances, config.tag_key, desired_state(config),
+    desired = desired_state(config, [i["InstanceId"] for i in seen.instances])
+    return build_cluster(seen.requests, seen.instances, config.tag_key, desired,
                          now or datetime.now(timezone.utc))
 
 
@@ -156,12 +166,12 @@ class _Applier:
         self.ec2 = ec2
         self.nodes = nodes
         self.by_id = {n.instance_id: n for n in cluster.nodes if n.instance_id}
-        desired = desired_state(config).bootstrap
+        desired = cluster.desired.bootstrap
         self.bootstrapped = {i for i, n in self.by_id.items()
                              if n.tags.get(TAG_BOOTSTRAP) == desired.get(n.role)}
         self.joined = {i: n.tags.get(TAG_JOINED) for i, n in self.by_id.items()}
         self.digests = desired
-        self.join_tag = cluster.desired.join_tag
+        self.join_suffix = cluster.desired.join_suffix
 
     def apply(self, action: Action) -> ActionResult:
         handler = getattr(self, "_" + type(action).__name__)
@@ -222,10 +232,16 @@ class _Applier:
         outcomes = self.nodes.join(self.by_id[action.master_id], slaves)
         self._record_failures(outcomes)
         done = [i for i, o in outcomes.items() if o.ok]
-        if done:
-            self.ec2.tag(done, {TAG_JOINED: self.join_tag(action.master_id)})
-        self.joined.update({i: self.join_tag(action.master_id) for i in done})
+        for instance_id in done:  # each value names the slave's own pinned key
+            value = self._join_tag(action.master_id, instance_id)
+            self.ec2.tag([instance_id], {TAG_JOINED: value})
+            self.joined[instance_id] = value
         return _node_result(action, outcomes)
+
+    def _join_tag(self, master_id: str, slave_id: str) -> str:
+        """The join tag with the pin as it is now (this pass may just have pinned it)."""
+        pins = pin_digests(self.config, [slave_id])
+        return join_tag(master_id, self.join_suffix, pins.get(slave_id))
 
     def _record_failures(self, outcomes: dict[str, NodeOutcome]) -> None:
         """Count failures in tags, so a node that never works is replaced after a while.
@@ -263,7 +279,7 @@ class _Applier:
             return ActionResult(action, True, "master not bootstrapped yet", skipped=True)
         slaves = [self.by_id[i] for i in action.member_ids if i != action.master_id
                   and i in self.bootstrapped
-                  and self.joined.get(i) == self.join_tag(action.master_id)]
+                  and self.joined.get(i) == self._join_tag(action.master_id, i)]
         digest = membership_digest(master, slaves, multipliers(self.config))
         if master.tags.get(TAG_HOSTS) == digest:
             return ActionResult(action, True, "host table already current", skipped=True)

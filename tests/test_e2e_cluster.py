@@ -606,10 +606,6 @@ def cli_with_deadline(gateways: list[SshGateway], *argv: str) -> tuple[int, str,
         provision.ssh_gateway_for = real
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Ec2Gateway.observe looks up the InstanceId of every request that is not in the "
-    "tag-filtered describe, closed ones included: a slave lost once costs every converged "
-    "pass a third call (DescribeInstances) for as long as EC2 lists the closed request"))
 def test_converged_pass_after_a_lost_slave_makes_two_calls(e2e: E2eEnv,
                                                           gateways: list[SshGateway]) -> None:
     """2b: the 2-call steady state also holds once a spot slave was lost and replaced."""
@@ -630,11 +626,6 @@ def test_converged_pass_after_a_lost_slave_makes_two_calls(e2e: E2eEnv,
         terminate_cluster(e2e.client, cfg.tag_key)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the master's known_hosts is written only by Join, and a slave's `joined` tag does not "
-    "depend on its pinned host key: after the pin is forgotten and re-made, the master "
-    "keeps the old key, so Disco's master cannot ssh to that slave while `up` says "
-    "converged"))
 def test_forgetting_a_changed_host_key_as_told_repairs_the_cluster(e2e: E2eEnv) -> None:
     """5b: the refusal says "forget its key and run again"; doing so must give a cluster
     that works, including the master's own SSH trust in that slave (what Disco uses)."""

@@ -15,7 +15,9 @@ from disposabledisco.cluster import (
     TAG_JOINED,
     TAG_UNREACHABLE,
     Cluster,
+    Desired,
     Node,
+    join_tag,
 )
 from disposabledisco.config import parse_config
 from disposabledisco.disco import membership_digest
@@ -70,7 +72,8 @@ def node(role="slave", state="ready", *, group=None, minutes_old=60, request="au
 
 def converged(cfg, slaves: list[Node], master: Node | None = None) -> Cluster:
     master = master or node("master")
-    slaves = [replace(s, tags={**s.tags, TAG_JOINED: master.instance_id}) for s in slaves]
+    slaves = [replace(s, tags={**s.tags, TAG_JOINED: join_tag(master.instance_id, "", None)})
+              for s in slaves]
     ready = [s for s in slaves if s.state == "ready"]
     master = replace(master, tags={**master.tags, TAG_HOSTS: membership_digest(
         master, ready, multipliers(cfg))})
@@ -301,7 +304,8 @@ def test_instance_not_visible_yet_counts_and_prevents_a_second_bid():
 def test_membership_change_is_planned_when_a_ready_slave_is_missing_from_the_table():
     cfg = config(NUM_SLAVES=2)
     cluster = converged(cfg, [node()])
-    extra = replace(node(), tags={**node().tags, TAG_JOINED: cluster.master.instance_id})
+    extra = replace(node(), tags={**node().tags,
+                                  TAG_JOINED: join_tag(cluster.master.instance_id, "", None)})
     p = plan(cfg, Cluster((*cluster.nodes, extra)), NOW)
     assert isinstance(p.actions[-1], ApplyMembership)
     assert extra.instance_id in p.actions[-1].member_ids
@@ -376,10 +380,17 @@ def test_budget_still_heals_inside_it():
 
 
 def test_new_tarball_makes_joined_slaves_join_again():
-    from disposabledisco.cluster import Desired
     cfg = config(NUM_SLAVES=1)
     cluster = converged(cfg, [node()])
     rebuilt = Cluster(cluster.nodes, Desired(join_suffix="@newtarball"))
     p = plan(cfg, rebuilt, NOW)
     slave = next(n for n in cluster.nodes if n.role == "slave")
     assert only(p, Join).slave_ids == (slave.instance_id,)
+
+
+def test_a_re_pinned_slave_joins_again():
+    cfg = config(NUM_SLAVES=1)
+    cluster = converged(cfg, [node()])
+    slave = next(n for n in cluster.nodes if n.role == "slave")
+    re_pinned = Cluster(cluster.nodes, Desired(pins={slave.instance_id: "newkeydigest"}))
+    assert only(plan(cfg, re_pinned, NOW), Join).slave_ids == (slave.instance_id,)
