@@ -857,12 +857,13 @@ def _stderr_tail(result: Result, lines: int = 3) -> str:
 def settings_from_config(values: Mapping[str, Any], log_dir: str | os.PathLike[str] | None
                          ) -> SshSettings:
     """SshSettings from config values (``SSH_USER``, ``SSH_PORT``, ``SSH_KEY_FILE``,
-    ``SSH_CONCURRENCY``); keys that are missing keep the defaults."""
+    ``SSH_CONCURRENCY``, ``SSH_DEADLINE_SECONDS``); keys that are missing keep the defaults."""
     defaults = SshSettings()
     return SshSettings(
         user=values.get("SSH_USER") or defaults.user,
         port=int(values.get("SSH_PORT") or defaults.port),
         key_file=values.get("SSH_KEY_FILE") or None,
         concurrency=int(values.get("SSH_CONCURRENCY") or defaults.concurrency),
+        deadline_seconds=float(values.get("SSH_DEADLINE_SECONDS") or defaults.deadline_seconds),
         log_dir=log_dir,
     )

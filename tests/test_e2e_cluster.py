@@ -58,7 +58,7 @@ POST_INIT_LITERAL = """single 'quotes' and "double quotes"
 dollar $HOME and ${HOME} and $(id -u)
 backticks `hostname` and a backslash \\n
 """
-#: the dead node's SSH deadline for the dead-sshd scenario (the config has no key for it)
+#: the dead node's SSH deadline (SSH_DEADLINE_SECONDS) for the dead-sshd scenario
 DEAD_NODE_DEADLINE = 8.0
 
 
@@ -509,7 +509,7 @@ def test_dead_sshd_fails_alone_within_its_deadline(e2e: E2eEnv, gateways: list[S
                                                    ) -> None:
     """4: a slave whose sshd is dead costs the pass at most its own SSH deadline, is named
     in the output, and the other nodes become ready."""
-    cfg = e2e.new_config("e2edead", 3)
+    cfg = e2e.new_config("e2edead", 3, SSH_DEADLINE_SECONDS=int(DEAD_NODE_DEADLINE))
     try:
         code, out, err = cli("up", str(cfg.path))
         assert code == 10, out + err
@@ -518,7 +518,7 @@ def test_dead_sshd_fails_alone_within_its_deadline(e2e: E2eEnv, gateways: list[S
         e2e.farm.kill_sshd(dead)
 
         started = time.monotonic()
-        code, out, err = cli_with_deadline(gateways, "up", str(cfg.path))
+        code, out, err = cli("up", str(cfg.path))
         took = time.monotonic() - started
         assert code == 1, out + err
         assert re.search(rf"{dead}\b.*(no SSH session|connection refused)", out), out
@@ -587,23 +587,6 @@ def wait_for_instances(env: E2eEnv, cfg: ClusterConfig, count: int) -> dict[str,
 
     wait_until(f"{count} fulfilled instances with nodes", fulfilled)
     return found
-
-
-def cli_with_deadline(gateways: list[SshGateway], *argv: str) -> tuple[int, str, str]:
-    """The CLI with a short SSH deadline on the gateway it builds (no config key for it)."""
-    real = provision.ssh_gateway_for  # already the recording wrapper of `gateways`
-
-    def short(config, ec2=None):  # type: ignore[no-untyped-def]
-        gateway = real(config, ec2)
-        gateway.settings = dataclasses.replace(gateway.settings,
-                                               deadline_seconds=DEAD_NODE_DEADLINE)
-        return gateway
-
-    provision.ssh_gateway_for = short
-    try:
-        return cli(*argv)
-    finally:
-        provision.ssh_gateway_for = real
 
 
 def test_converged_pass_after_a_lost_slave_makes_two_calls(e2e: E2eEnv,
