@@ -87,7 +87,7 @@ class SshSettings:
     key_file: str | None = None
     connect_timeout: float = 10.0
     deadline_seconds: float = 600.0
-    concurrency: int = 16
+    concurrency: int = 32
     log_dir: str | os.PathLike[str] | None = None
     #: default timeout of one command (None: no limit; run_parallel's timeout still holds)
     command_timeout: float | None = None

@@ -133,7 +133,7 @@ def test_defaults_apply_to_a_minimal_config():
     assert c["INSTANCE_TYPE"] == "m5.large"
     assert c["MAX_BID"] == 0.1 and isinstance(c["MAX_BID"], float)
     assert c.tag_key == "disposabledisco"
-    assert c["SSH_USER"] == "ubuntu" and c["SSH_PORT"] == 22 and c["SSH_CONCURRENCY"] == 16
+    assert c["SSH_USER"] == "ubuntu" and c["SSH_PORT"] == 22 and c["SSH_CONCURRENCY"] == 32
     assert c["MASTER_MARKET"] == "spot" and c["SPOT_REQUEST_TYPE"] == "one-time"
     assert c["SPOT_OPEN_TIMEOUT_MINUTES"] == 10 and c["UNRESPONSIVE_MINUTES"] == 15
     assert c["HOST_KEY_POLICY"] == "pin" and c["DISCO_INSTALL"] == "preinstalled"
