@@ -201,6 +201,8 @@ class Case:
             "BASE_PACKAGES": list(SANDBOX_PACKAGES), "DISCO_INSTALL": "none",
             "POST_INIT": POST_INIT.format(version=self.post_init_version),
             "SPOT_OPEN_TIMEOUT_MINUTES": 2, "UNRESPONSIVE_MINUTES": 3,
+            # a dead node holds a pass this long (nodes answer in milliseconds here)
+            "SSH_DEADLINE_SECONDS": 30,
         }
         values.update(overrides)
         self.slaves = values["NUM_SLAVES"]
@@ -343,7 +345,9 @@ class Case:
         master = next(n for n in nodes.values() if n.role == "master")
         joined = {i["InstanceId"]: {t["Key"]: t["Value"] for t in i.get("Tags", [])}.get(
             TAG_JOINED) for i in live if self.role(i) == "slave"}
-        assert all(v == master.instance_id for v in joined.values()), \
+        # the tag is "<master id><join suffix>#<pinned host key>": joined to *this* master
+        assert all((v or "").split("#", 1)[0].startswith(master.instance_id)
+                   for v in joined.values()), \
             f"slaves joined to {joined}, the master is {master.instance_id}"
         table = json.loads(self.sh(master.instance_id, "cat /srv/disco/disco_8989.config"))
         hosts = [row[0] for row in table["hosts"]]
