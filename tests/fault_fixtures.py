@@ -387,8 +387,9 @@ def in_process(argv: list[str]) -> tuple[int, str]:
 class FaultLab:
     """Endpoint + node farm shared by many cases; :meth:`case` gives each a clean world."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, nodes: bool = True) -> None:
         self.workdir = workdir
+        self.nodes = nodes  # False: EC2 only (bench --ec2-only), no sshd nodes
         self.endpoint = LocalEc2()
         self.farm: NodeFarm | None = None
         self.market: SpotMarket | None = None
@@ -402,7 +403,8 @@ class FaultLab:
 
     def __enter__(self) -> FaultLab:
         self.endpoint.start()
-        self.farm = NodeFarm(self.public_key, login_user="ubuntu")
+        if self.nodes:
+            self.farm = NodeFarm(self.public_key, login_user="ubuntu")
         self.subnet = free_subnet()
         return self
 
@@ -437,15 +439,16 @@ class FaultLab:
              **market: Any) -> Case:
         """A clean account and a new market (fulfil_delay 0.3 s unless given)."""
         self._drop_market()
-        assert self.farm is not None
-        self.farm.stop_all()
-        self._await_subnet_free()
+        if self.farm is not None:
+            self.farm.stop_all()
+            self._await_subnet_free()
         self.endpoint.reset()
         market.setdefault("fulfil_delay", 0.3)
         spot = SpotMarket(seed=seed, default_price=SPOT_PRICE, region=self.endpoint.region,
                           **market)
-        spot.on_launch(self.farm.on_launch)
-        spot.on_terminate(self.farm.on_terminate)
+        if self.farm is not None:
+            spot.on_launch(self.farm.on_launch)
+            spot.on_terminate(self.farm.on_terminate)
         spot.install(self.endpoint)
         self.endpoint.market = spot
         self.market = spot
