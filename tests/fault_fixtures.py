@@ -17,11 +17,13 @@ Registered from ``tests/conftest.py`` (``pytest_plugins``). The fault suite
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -73,12 +75,25 @@ def skip_reason() -> str | None:
     return None
 
 
-def free_subnet(prefix: str = "127.77", probe: int = 12) -> str:
-    """A /24 under ``prefix`` where nothing listens on port 22 yet (another run's nodes)."""
-    for third in range(1, 250):
+def reserve_subnet(prefix: str = "127.77", probe: int = 12) -> tuple[str, int]:
+    """A /24 under ``prefix`` reserved for this process: an flock held until the lab
+    closes (another run of this suite, e.g. a colleague's full pytest, may be between
+    cases with no node listening) and no sshd listening on its first addresses.
+    Returns the subnet and the lock's file descriptor."""
+    start = os.getpid() % 200
+    for third in [*range(start + 1, 250), *range(1, start + 1)]:
         subnet = f"{prefix}.{third}"
-        if not any(port_open(f"{subnet}.{host}", 22, 0.05) for host in range(4, 4 + probe)):
-            return subnet
+        path = Path(tempfile.gettempdir()) / f"disposabledisco-faults-{subnet}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        if any(port_open(f"{subnet}.{host}", 22, 0.05) for host in range(4, 4 + probe)):
+            os.close(fd)
+            continue
+        return subnet, fd
     raise RuntimeError(f"no free /24 under {prefix}.0.0/16")
 
 
@@ -394,6 +409,7 @@ class FaultLab:
         self.farm: NodeFarm | None = None
         self.market: SpotMarket | None = None
         self.subnet = ""
+        self._subnet_lock: int | None = None
         private, self.public_key = generate_ed25519_key("disposabledisco-faults")
         self.key_file = workdir / "id_ed25519"
         fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -405,7 +421,7 @@ class FaultLab:
         self.endpoint.start()
         if self.nodes:
             self.farm = NodeFarm(self.public_key, login_user="ubuntu")
-        self.subnet = free_subnet()
+        self.subnet, self._subnet_lock = reserve_subnet()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -413,6 +429,9 @@ class FaultLab:
         if self.farm is not None:
             self.farm.close()
         self.endpoint.stop()
+        if self._subnet_lock is not None:
+            os.close(self._subnet_lock)
+            self._subnet_lock = None
 
     def _drop_market(self) -> None:
         if self.market is not None:
