@@ -313,12 +313,14 @@ class Case:
 
     # -- the end state ------------------------------------------------------------
     def check_converged(self, post_init_runs: int = 1, slaves: int | None = None,
-                        steady_exit: int = 0) -> dict[str, Any]:
+                        steady_exit: int = 0, doctor: bool = True) -> dict[str, Any]:
         """Every invariant of a converged cluster; returns figures for the report.
 
         ``slaves`` is the number expected live (default: the config's), ``steady_exit``
         what one more pass must answer (1 when the config asks for more than a budget
-        allows), doing nothing either way.
+        allows), doing nothing either way. ``doctor=False`` skips `disposabledisco doctor`:
+        its Erlang checks need a free port in 30000-30010 per node, and here every node
+        shares this machine's ports (11 of them), so beyond ~10 slaves it cannot pass.
         """
         from disposabledisco.cluster import TAG_JOINED, Node
         from disposabledisco.disco import short_name
@@ -370,8 +372,9 @@ class Case:
             f"host table {hosts}, expected master {short_name(master)} + {sorted(names)}"
         assert not self.market.callback_errors, \
             f"harness: node callbacks failed: {self.market.callback_errors}"
-        code, text = in_process(["doctor", str(self.config_path)])
-        assert code == 0, f"doctor exit {code}:\n{text}"
+        if doctor:
+            code, text = in_process(["doctor", str(self.config_path)])
+            assert code == 0, f"doctor exit {code}:\n{text}"
         steady = self.up()
         assert steady.code == steady_exit and not steady.actions, \
             f"a pass over the converged cluster did something:\n{steady.describe()}"
