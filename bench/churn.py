@@ -18,8 +18,8 @@ and makes none), wall and simulated time, and the peak number of live instances 
 market's launch/terminate events, from a sampler every 20 ms, and after every pass). It
 must never exceed 1 + N.
 
-    python bench/churn.py [--slaves 20] [--interruption-rate 0.1] [--time-scale 1 2]
-                          [--ec2-only] [--seed 1] [--timeout 600]
+    python bench/churn.py [--slaves 20] [--interruption-rate 0.1] [--time-scale 1 3]
+                          [--seeds 1 2 3] [--ec2-only] [--timeout 240]
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ class Result:
     slaves: int
     rate: float
     scale: float
+    seed: int
+    failed_passes: int = 0
     converged: bool = False
     passes: int = 0
     runs: int = 0
@@ -129,8 +131,8 @@ class Churn:
 
 def run_one(lab: FaultLab, mode: str, slaves: int, rate: float, scale: float, seed: int,
             timeout: float) -> Result:
-    result = Result(mode, slaves, rate, scale)
-    case = lab.case(f"churn-{mode}-{scale:g}", slaves=slaves, seed=seed, tick=0,
+    result = Result(mode, slaves, rate, scale, seed)
+    case = lab.case(f"churn-{mode}-{scale:g}-{seed}", slaves=slaves, seed=seed, tick=0,
                     fulfil_delay=FULFIL_DELAY, interruption_rate=rate)
     # a node interrupted between observe and connect is retried this long by a pass
     case.write_config(NUM_SLAVES=slaves, SSH_DEADLINE_SECONDS=30, SSH_CONCURRENCY=16)
@@ -148,10 +150,14 @@ def run_one(lab: FaultLab, mode: str, slaves: int, rate: float, scale: float, se
     try:
         with Churn(case, scale) as churn:
             if mode == "nodes":
-                run = case.run("up", str(case.config_path), "--wait", "--timeout",
-                               str(timeout), timeout=timeout + 60)
-                result.converged = run.code == 0
-                runs = [run]
+                child = case.start("up", str(case.config_path), "--wait", "--timeout",
+                                   str(timeout))
+                try:  # --timeout is checked between passes: give the last one time
+                    runs = [child.wait(timeout + 120)]
+                except AssertionError:  # killed: record what it did, not converged
+                    runs = []
+                    result.passes = sum(1 for e in child.events() if e["event"] == "pass")
+                result.converged = bool(runs) and runs[0].code == 0
             else:
                 runs = ec2_only_passes(case, slaves, timeout)
                 result.converged = bool(runs) and not [
@@ -164,8 +170,9 @@ def run_one(lab: FaultLab, mode: str, slaves: int, rate: float, scale: float, se
     finally:
         lab.endpoint.set_http_hook(None, slot="bench")
     result.calls = calls
-    result.runs = len(runs)
-    result.passes = sum(len(r.passes) for r in runs)
+    result.runs = len(runs) or 1
+    result.passes = sum(len(r.passes) for r in runs) or result.passes
+    result.failed_passes = sum(1 for r in runs for e in r.passes if e["exit"] == 1)
     events = Counter(e.kind for e in case.market.events)
     result.interruptions = events["interrupt"]
     result.launched = events["fulfil"] + events["launch"]
@@ -199,12 +206,13 @@ def ec2_only_passes(case: Case, slaves: int, timeout: float) -> list:
 
 def table(results: list[Result]) -> str:
     head = ["mode", "slaves", "interruptions per sim. min", "time scale (sim s / wall s)",
-            "passes", "reconciler runs", "EC2 calls", "wall s", "simulated s",
+            "seed", "passes (failed)", "reconciler runs", "EC2 calls", "wall s", "simulated s",
             "interrupted", "instances launched",
             "peak live (events / sampled / after passes)", "converged"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
-        cells = [r.mode, r.slaves, f"{r.rate:.0%}", f"{r.scale:g}", r.passes, r.runs,
+        cells = [r.mode, r.slaves, f"{r.rate:.0%}", f"{r.scale:g}", r.seed,
+                 f"{r.passes} ({r.failed_passes})", r.runs,
                  sum(r.calls.values()), f"{r.wall:.0f}", f"{r.simulated:.0f}",
                  r.interruptions, r.launched,
                  f"{r.peak_events} / {r.peak_sampled} / {r.peak_passes}",
@@ -213,7 +221,7 @@ def table(results: list[Result]) -> str:
     lines = [*rows, "", "EC2 calls by action:", ""]
     for r in results:
         detail = ", ".join(f"{k} {v}" for k, v in sorted(r.calls.items()))
-        lines.append(f"- {r.mode}, scale {r.scale:g}: {detail}")
+        lines.append(f"- {r.mode}, scale {r.scale:g}, seed {r.seed}: {detail}")
     return "\n".join(lines)
 
 
@@ -222,11 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slaves", type=int, default=20)
     parser.add_argument("--interruption-rate", type=float, default=0.10,
                         help="chance per running spot instance per simulated minute")
-    parser.add_argument("--time-scale", type=float, nargs="+", default=[1.0, 2.0],
+    parser.add_argument("--time-scale", type=float, nargs="+", default=[1.0, 3.0],
                         help="simulated seconds per wall second (one run per value)")
     parser.add_argument("--ec2-only", action="store_true", help="no SSH nodes")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                        help="one run per seed and time scale (the market's randomness)")
+    parser.add_argument("--timeout", type=float, default=240,
+                        help="`up --wait --timeout` of each run, wall seconds")
     args = parser.parse_args(argv)
     mode = "nodes"
     why = skip_reason()
@@ -237,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="churn-") as tmp, \
             FaultLab(Path(tmp), nodes=mode == "nodes") as lab:
         for scale in args.time_scale:
-            result = run_one(lab, mode, args.slaves, args.interruption_rate, scale,
-                             args.seed, args.timeout)
-            results.append(result)
-            print(f"scale {scale:g}: {result}", file=sys.stderr)
+            for seed in args.seeds:
+                result = run_one(lab, mode, args.slaves, args.interruption_rate, scale,
+                                 seed, args.timeout)
+                results.append(result)
+                print(f"scale {scale:g} seed {seed}: {result}", file=sys.stderr)
     print(table(results))
     worst = max(max(r.peak_events, r.peak_sampled, r.peak_passes) for r in results)
     if worst > 1 + args.slaves:
