@@ -610,8 +610,10 @@ class NodeFarm:
     def kill_sshd(self, instance_id: str) -> list[int]:
         """Kill the node's sshd (listener and sessions) but keep the node and its files:
         new connections are refused, as with a crashed or not yet started sshd. Returns
-        the host pids that were killed."""
+        the host pids that were killed. A node still starting is waited for first, so
+        its sshd cannot come up after the kill."""
         node = self.node(instance_id)
+        node._ready.wait(self.start_timeout)
         victims = [pid for pid, comm in self._processes(node) if comm.startswith("sshd")]
         for pid in victims:
             with contextlib.suppress(ProcessLookupError):
