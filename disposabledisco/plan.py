@@ -74,7 +74,7 @@ class Launch(Action):
     count: int
     market: str
     bid: float | None
-    token: str
+    key: str  # see launch_key; the ClientToken is looked up from it when applied
 
     def describe(self) -> str:
         what = f"bid {self.bid:g} USD/h for" if self.market == "spot" else "launch on-demand"
@@ -128,18 +128,19 @@ class Plan:
         return tuple(a for a in self.actions if a.mutates_ec2)
 
 
-def client_token(tag_key: str, group: GroupSpec, count: int, market: str, cluster: Cluster,
-                 now: datetime) -> str:
-    """An idempotency token derived from what this pass saw.
+def launch_key(tag_key: str, group: GroupSpec, count: int, market: str,
+               cluster: Cluster) -> str:
+    """The identity of a launch decision: the group, the count and what this pass saw.
 
     A pass that crashes after a create and runs again before EC2 lists the new request sees
-    the same cluster and so sends the same token: EC2 answers with the original request
-    instead of bidding twice. Any change in what exists, or the next hour, gives a new token.
+    the same cluster and so makes the same decision with the same key; `tokens` maps it to
+    the ClientToken sent the first time, and EC2 answers with the original request instead
+    of bidding twice. Any change in what exists gives a new key.
     """
     seen = sorted(n.key for n in cluster.of(group.role, group.name))
     text = "|".join([tag_key, group.role, group.name, group.instance_type, str(count), market,
-                     now.strftime("%Y%m%d%H"), *seen])
-    return "dd-" + hashlib.sha256(text.encode()).hexdigest()[:40]
+                     *seen])
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
 MAX_NODE_FAILURES = 3
@@ -253,9 +254,9 @@ def _keep_to_budget(draft: _Draft) -> None:
                 f"{launch.count} {launch.group} {launch.role}(s) wanted (live nodes cost "
                 f"{spent:g} USD/h, {price:g} each): raise MAX_HOURLY_COST or lower the count")
         if affordable > 0:
-            kept.append(replace(launch, count=affordable, token=client_token(
+            kept.append(replace(launch, count=affordable, key=launch_key(
                 draft.config.tag_key, _group_of(draft.config, launch), affordable,
-                launch.market, draft.cluster, draft.now)))
+                launch.market, draft.cluster)))
             spent += affordable * price
     draft.launches[:] = kept
 
@@ -356,7 +357,7 @@ def _size_group(draft: _Draft, group: GroupSpec) -> None:
         draft.launches.append(Launch(
             why, group.role, group.name, group.instance_type, count, market,
             group.max_bid if market == "spot" else None,
-            client_token(config.tag_key, group, count, market, cluster, draft.now)))
+            launch_key(config.tag_key, group, count, market, cluster)))
 
 
 def _removal_order(live: list[Node]) -> list[Node]:

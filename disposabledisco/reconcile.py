@@ -45,6 +45,7 @@ from .plan import (
     plan,
     plan_down,
 )
+from .tokens import TokenBook
 
 EXIT_CONVERGED = 0
 EXIT_FAILED = 1
@@ -163,6 +164,7 @@ class _Applier:
                  cluster: Cluster, now: datetime) -> None:
         self.config = config
         self.now = now
+        self.tokens = TokenBook(config.state_dir)
         self.ec2 = ec2
         self.nodes = nodes
         self.by_id = {n.instance_id: n for n in cluster.nodes if n.instance_id}
@@ -197,7 +199,8 @@ class _Applier:
 
     def _Launch(self, action: Launch) -> ActionResult:
         ids = self.ec2.launch(action.role, action.group, action.instance_type, action.count,
-                              action.market, action.bid, action.token)
+                              action.market, action.bid,
+                              self.tokens.token_for(action.key, self.now))
         return ActionResult(action, True, ", ".join(ids))
 
     # -- nodes -------------------------------------------------------------------------

@@ -243,10 +243,6 @@ def test_not_found_window_makes_no_duplicates(fault_lab: FaultLab,
     assert len(case.instances()) == 4 and len(case.requests()) == 4
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: plan.client_token puts the hour "
-                   "(now.strftime('%Y%m%d%H')) in the ClientToken, so a pass that re-bids in "
-                   "the next hour while its own bids are still NotFound gets a new token and "
-                   "EC2 creates a second set of requests")
 def test_not_found_window_across_the_hour_makes_no_duplicates(
         fault_lab: FaultLab, request: pytest.FixtureRequest) -> None:
     case = fault_lab.case("not-found-hour", not_found_window=6.0)

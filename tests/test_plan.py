@@ -29,7 +29,7 @@ from disposabledisco.plan import (
     Launch,
     TagInstances,
     Terminate,
-    client_token,
+    launch_key,
     multipliers,
     plan,
     plan_down,
@@ -324,22 +324,23 @@ def test_down_of_nothing_is_empty():
     assert plan_down(Cluster(())).actions == ()
 
 
-@pytest.mark.parametrize("change", ["same", "new-node", "next-hour", "count"])
-def test_client_token_follows_what_was_observed(change):
-    cfg = config()
-    group = cfg.slave_groups[0]
+@pytest.mark.parametrize(("change", "same_key"), [
+    ("same", True), ("later", True), ("new-node", False), ("count", False), ("market", False)])
+def test_launch_key_names_the_decision_and_what_was_observed(change, same_key):
+    group = config().slave_groups[0]
     cluster = Cluster((node(),))
-    base = client_token("dd", group, 2, "spot", cluster, NOW)
+    base = launch_key("dd", group, 2, "spot", cluster)
     other = {
-        "same": lambda: client_token("dd", group, 2, "spot", cluster, NOW),
-        "new-node": lambda: client_token("dd", group, 2, "spot",
-                                         Cluster((*cluster.nodes, node())), NOW),
-        "next-hour": lambda: client_token("dd", group, 2, "spot", cluster,
-                                          NOW + timedelta(hours=1)),
-        "count": lambda: client_token("dd", group, 3, "spot", cluster, NOW),
+        "same": lambda: launch_key("dd", group, 2, "spot", cluster),
+        "later": lambda: plan(config(NUM_SLAVES=3), cluster, NOW + timedelta(hours=5)),
+        "new-node": lambda: launch_key("dd", group, 2, "spot",
+                                       Cluster((*cluster.nodes, node()))),
+        "count": lambda: launch_key("dd", group, 3, "spot", cluster),
+        "market": lambda: launch_key("dd", group, 2, "on-demand", cluster),
     }[change]()
-    assert (other == base) == (change == "same")
-    assert len(base) <= 64
+    if change == "later":
+        other = next(a for a in other.actions if isinstance(a, Launch) and a.role == "slave").key
+    assert (other == base) == same_key
 
 
 def test_slave_failing_for_unresponsive_minutes_is_replaced():
