@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="one run per seed and time scale (the market's randomness)")
     parser.add_argument("--timeout", type=float, default=240,
                         help="`up --wait --timeout` of each run, wall seconds")
+    parser.add_argument("--workdir", help="keep configs, traces and node logs here")
     args = parser.parse_args(argv)
     mode = "nodes"
     why = skip_reason()
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mode: ec2-only ({'asked' if args.ec2_only else why})", file=sys.stderr)
     results = []
     with tempfile.TemporaryDirectory(prefix="churn-") as tmp, \
-            FaultLab(Path(tmp), nodes=mode == "nodes") as lab:
+            FaultLab(Path(args.workdir or tmp), nodes=mode == "nodes") as lab:
         for scale in args.time_scale:
             for seed in args.seeds:
                 result = run_one(lab, mode, args.slaves, args.interruption_rate, scale,
