@@ -174,7 +174,7 @@ def plan(config: Config, cluster: Cluster, now: datetime) -> Plan:
     draft = _Draft(config, cluster, now)
     _tag_untagged(cluster, draft.tags)
     _clean_up_dead(cluster, draft.cancels, draft.terminates)
-    for node in cluster.of("slave"):
+    for node in cluster.nodes:  # a master that never works is replaced too; slaves re-join
         if node.state == "running" and unresponsive(config, node, now):
             draft.remove(node)
     groups = [config.master, *config.slave_groups]

@@ -188,9 +188,6 @@ def test_sshd_killed_mid_script_replaced_after_unresponsive_minutes(
     assert len(case.instances()) == 5
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: plan.plan() checks unresponsive() for "
-                   "slaves only, so a master whose SSH is dead is bootstrapped again on every "
-                   "pass (each waiting SSH_DEADLINE_SECONDS) and never replaced")
 def test_master_sshd_killed_mid_script_replaced_after_unresponsive_minutes(
         fault_lab: FaultLab, request: pytest.FixtureRequest) -> None:
     case = fault_lab.case("master-sshd-dead")

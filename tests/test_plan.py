@@ -395,3 +395,15 @@ def test_a_re_pinned_slave_joins_again():
     slave = next(n for n in cluster.nodes if n.role == "slave")
     re_pinned = Cluster(cluster.nodes, Desired(pins={slave.instance_id: "newkeydigest"}))
     assert only(plan(cfg, re_pinned, NOW), Join).slave_ids == (slave.instance_id,)
+
+
+def test_master_that_never_answers_is_replaced_and_slaves_kept():
+    cfg = config(NUM_SLAVES=1)
+    master = node("master", state="running", tags={
+        "dd": "master", TAG_GROUP: "master",
+        TAG_UNREACHABLE: (NOW - timedelta(minutes=30)).isoformat()})
+    slave = node()
+    p = plan(cfg, Cluster((master, slave)), NOW)
+    assert only(p, Terminate).instance_ids == (master.instance_id,)
+    assert launches(p) == [("master", "master", 1, "spot")]
+    assert not any(isinstance(a, (Join, ApplyMembership)) for a in p.actions)
