@@ -203,6 +203,34 @@ def test_master_sshd_killed_mid_script_replaced_after_unresponsive_minutes(
     case.check_converged()
 
 
+@pytest.mark.xfail(strict=True, reason="product bug: when a ready master stops answering "
+                   "SSH, reconcile records the failed Join against the joining slaves (never the "
+                   "master; ApplyMembership failures are not recorded at all), so the healthy "
+                   "new slave is replaced after UNRESPONSIVE_MINUTES, again and again, and the "
+                   "master is kept")
+def test_ready_master_losing_sshd_is_replaced_not_the_slaves(
+        fault_lab: FaultLab, request: pytest.FixtureRequest) -> None:
+    case = fault_lab.case("ready-master-sshd-dead")
+    case.write_config(UNRESPONSIVE_MINUTES=1, SSH_DEADLINE_SECONDS=5)
+    case.converge()
+    master = case.live_of("master")[0]["InstanceId"]
+    lost = sorted(ids(case.live_of("slave")))[0]
+    case.lab.farm.kill_sshd(master)
+    case.market.interrupt(lost, "instance-terminated-no-capacity")
+    assert case.up().code == 1  # bids for the lost slave; the host table cannot be written
+    case.advance(1)
+    case.up()  # the new slave is bootstrapped; joining it needs the master
+    healthy = ids(case.live_of("slave"))  # the two old slaves and the new one
+    case.advance(61)  # the master has not answered for longer than UNRESPONSIVE_MINUTES
+    third = case.up()
+    note(request, case, advanced_seconds=62)
+    live = ids(case.live_instances())
+    assert master not in live, f"the dead master was kept: {[a['what'] for a in third.actions]}"
+    assert healthy <= live, "healthy slaves were replaced instead of the master"
+    case.converge()
+    case.check_converged()
+
+
 def test_recovered_slave_survives_a_later_config_change(
         fault_lab: FaultLab, request: pytest.FixtureRequest) -> None:
     case = fault_lab.case("recovered-then-changed")
