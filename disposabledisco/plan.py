@@ -175,7 +175,7 @@ def plan(config: Config, cluster: Cluster, now: datetime) -> Plan:
     _tag_untagged(cluster, draft.tags)
     _clean_up_dead(cluster, draft.cancels, draft.terminates)
     for node in cluster.nodes:  # a master that never works is replaced too; slaves re-join
-        if node.state == "running" and unresponsive(config, node, now):
+        if node.state in ("running", "ready") and unresponsive(config, node, now):
             draft.remove(node)
     groups = [config.master, *config.slave_groups]
     groups += [GroupSpec("slave", name, name, 0, None, 1, "spot") for name in

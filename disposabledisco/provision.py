@@ -78,24 +78,24 @@ class Provisioner:
 
     def join(self, master: Node, slaves: list[Node]) -> dict[str, Outcome[str]]:
         """Give each slave the master's cluster key and cookie (and Disco, tarball mode),
-        and trust each slave's pinned host key on the master. The value is the master id."""
+        and trust each slave's pinned host key on the master. The value is the master id.
+
+        When the master itself cannot be reached or read, that is the master's failure,
+        not the slaves': it raises (SshError or ValueError) instead of failing each slave.
+        """
         store = self.ssh.verifier.store
         pinned = [s for s in slaves if store.get(s.instance_id) is not None]
         outcomes: dict[str, Outcome[str]] = {
             s.instance_id: _failed(f"{s.instance_id}: no pinned host key yet (bootstrap it "
                                    "first), so the master cannot trust it")
             for s in slaves if s not in pinned}
-        try:
-            with self.ssh.connect(self._target(master)) as master_session:
-                payload = self._read_cluster_secrets(master_session)
-                self._trust_slaves(master_session, pinned, store)
-                by_id = {s.instance_id: s for s in pinned}
-                outcomes.update(self._parallel(pinned, lambda session: self._join_slave(
-                    session, by_id[session.target.instance_id], master_session, master,
-                    payload)))
-        except (SshError, ValueError) as error:
-            outcomes.update({s.instance_id: _failed(f"master {master.instance_id}: {error}")
-                             for s in pinned})
+        with self.ssh.connect(self._target(master)) as master_session:
+            payload = self._read_cluster_secrets(master_session)
+            self._trust_slaves(master_session, pinned, store)
+            by_id = {s.instance_id: s for s in pinned}
+            outcomes.update(self._parallel(pinned, lambda session: self._join_slave(
+                session, by_id[session.target.instance_id], master_session, master,
+                payload)))
         return {s.instance_id: outcomes[s.instance_id] for s in slaves}
 
     def _read_cluster_secrets(self, session: Session) -> bytes:

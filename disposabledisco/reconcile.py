@@ -45,6 +45,7 @@ from .plan import (
     plan,
     plan_down,
 )
+from .ssh import SshError
 from .tokens import TokenBook
 
 EXIT_CONVERGED = 0
@@ -232,7 +233,11 @@ class _Applier:
         slaves = [self.by_id[i] for i in action.slave_ids if i in self.bootstrapped]
         if not slaves:
             return ActionResult(action, True, "no bootstrapped slave to join", skipped=True)
-        outcomes = self.nodes.join(self.by_id[action.master_id], slaves)
+        try:
+            outcomes = self.nodes.join(self.by_id[action.master_id], slaves)
+        except (SshError, ValueError) as error:  # the master failed, not the slaves
+            self._record_failures({action.master_id: _Failed(str(error))})
+            return ActionResult(action, False, f"master {action.master_id}: {error}")
         self._record_failures(outcomes)
         done = [i for i, o in outcomes.items() if o.ok]
         for instance_id in done:  # each value names the slave's own pinned key
@@ -287,12 +292,22 @@ class _Applier:
         if master.tags.get(TAG_HOSTS) == digest:
             return ActionResult(action, True, "host table already current", skipped=True)
         outcome = self.nodes.apply_membership(master, [master, *slaves])
+        self._record_failures({action.master_id: outcome})
         if not outcome.ok:
             return ActionResult(action, False, outcome.error or "failed",
                                 node_errors={action.master_id: _tail(outcome)})
         self.ec2.tag([action.master_id], {TAG_HOSTS: digest})
         self.by_id[action.master_id] = _with_tag(master, TAG_HOSTS, digest)
         return ActionResult(action, True, f"{1 + len(slaves)} host(s)")
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A node outcome for a failure that was raised rather than returned."""
+
+    error: str
+    ok: bool = False
+    log_tail: tuple[str, ...] = ()
 
 
 def _with_tag(node: Node, key: str, value: str) -> Node:

@@ -203,11 +203,6 @@ def test_master_sshd_killed_mid_script_replaced_after_unresponsive_minutes(
     case.check_converged()
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: when a ready master stops answering "
-                   "SSH, reconcile records the failed Join against the joining slaves (never the "
-                   "master; ApplyMembership failures are not recorded at all), so the healthy "
-                   "new slave is replaced after UNRESPONSIVE_MINUTES, again and again, and the "
-                   "master is kept")
 def test_ready_master_losing_sshd_is_replaced_not_the_slaves(
         fault_lab: FaultLab, request: pytest.FixtureRequest) -> None:
     case = fault_lab.case("ready-master-sshd-dead")
