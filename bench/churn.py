@@ -50,6 +50,7 @@ class Result:
     rate: float
     scale: float
     seed: int
+    ssh_deadline: int
     failed_passes: int = 0
     converged: bool = False
     passes: int = 0
@@ -130,12 +131,13 @@ class Churn:
 
 
 def run_one(lab: FaultLab, mode: str, slaves: int, rate: float, scale: float, seed: int,
-            timeout: float) -> Result:
-    result = Result(mode, slaves, rate, scale, seed)
+            timeout: float, ssh_deadline: int) -> Result:
+    result = Result(mode, slaves, rate, scale, seed, ssh_deadline)
     case = lab.case(f"churn-{mode}-{scale:g}-{seed}", slaves=slaves, seed=seed, tick=0,
                     fulfil_delay=FULFIL_DELAY, interruption_rate=rate)
     # a node interrupted between observe and connect is retried this long by a pass
-    case.write_config(NUM_SLAVES=slaves, SSH_DEADLINE_SECONDS=30, SSH_CONCURRENCY=16)
+    case.write_config(NUM_SLAVES=slaves, SSH_DEADLINE_SECONDS=ssh_deadline,
+                      SSH_CONCURRENCY=16)
     calls: Counter = Counter()
     lock = threading.Lock()
 
@@ -206,12 +208,12 @@ def ec2_only_passes(case: Case, slaves: int, timeout: float) -> list:
 
 def table(results: list[Result]) -> str:
     head = ["mode", "slaves", "interruptions per sim. min", "time scale (sim s / wall s)",
-            "seed", "passes (failed)", "reconciler runs", "EC2 calls", "wall s", "simulated s",
-            "interrupted", "instances launched",
+            "SSH deadline s", "seed", "passes (failed)", "reconciler runs", "EC2 calls",
+            "wall s", "simulated s", "interrupted", "instances launched",
             "peak live (events / sampled / after passes)", "converged"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
-        cells = [r.mode, r.slaves, f"{r.rate:.0%}", f"{r.scale:g}", r.seed,
+        cells = [r.mode, r.slaves, f"{r.rate:.0%}", f"{r.scale:g}", r.ssh_deadline, r.seed,
                  f"{r.passes} ({r.failed_passes})", r.runs,
                  sum(r.calls.values()), f"{r.wall:.0f}", f"{r.simulated:.0f}",
                  r.interruptions, r.launched,
@@ -221,7 +223,8 @@ def table(results: list[Result]) -> str:
     lines = [*rows, "", "EC2 calls by action:", ""]
     for r in results:
         detail = ", ".join(f"{k} {v}" for k, v in sorted(r.calls.items()))
-        lines.append(f"- {r.mode}, scale {r.scale:g}, seed {r.seed}: {detail}")
+        lines.append(f"- {r.mode}, scale {r.scale:g}, SSH deadline {r.ssh_deadline} s, "
+                     f"seed {r.seed}: {detail}")
     return "\n".join(lines)
 
 
@@ -237,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="one run per seed and time scale (the market's randomness)")
     parser.add_argument("--timeout", type=float, default=240,
                         help="`up --wait --timeout` of each run, wall seconds")
+    parser.add_argument("--ssh-deadline", type=int, default=30,
+                        help="SSH_DEADLINE_SECONDS of the config (product default 300)")
     parser.add_argument("--workdir", help="keep configs, traces and node logs here")
     args = parser.parse_args(argv)
     mode = "nodes"
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         for scale in args.time_scale:
             for seed in args.seeds:
                 result = run_one(lab, mode, args.slaves, args.interruption_rate, scale,
-                                 seed, args.timeout)
+                                 seed, args.timeout, args.ssh_deadline)
                 results.append(result)
                 print(f"scale {scale:g} seed {seed}: {result}", file=sys.stderr)
     print(table(results))

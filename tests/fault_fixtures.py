@@ -278,7 +278,13 @@ class Case:
             text = self.trace_path.read_text()
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        events = []
+        for line in text.splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:  # the child is writing this very line: read it next time
+                break
+        return events
 
     # -- what exists --------------------------------------------------------------
     def instances(self) -> list[dict]:
