@@ -196,10 +196,10 @@ def test_master_sshd_killed_mid_script_replaced_after_unresponsive_minutes(
     assert child.wait().code != 0
     case.advance(61)
     retried = case.up()  # the master has failed for longer than UNRESPONSIVE_MINUTES
-    note(request, case, advanced_seconds=61)
     assert master not in ids(case.live_instances()), \
         f"the dead master was kept: {[a['kind'] for a in retried.actions]}"
     case.converge()
+    note(request, case, advanced_seconds=61)
     case.check_converged()
 
 
@@ -218,11 +218,12 @@ def test_ready_master_losing_sshd_is_replaced_not_the_slaves(
     healthy = ids(case.live_of("slave"))  # the two old slaves and the new one
     case.advance(61)  # the master has not answered for longer than UNRESPONSIVE_MINUTES
     third = case.up()
-    note(request, case, advanced_seconds=62)
     live = ids(case.live_instances())
     assert master not in live, f"the dead master was kept: {[a['what'] for a in third.actions]}"
     assert healthy <= live, "healthy slaves were replaced instead of the master"
     case.converge()
+    note(request, case, advanced_seconds=62)
+    assert healthy <= ids(case.live_instances())
     case.check_converged()
 
 
