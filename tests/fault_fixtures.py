@@ -9,9 +9,9 @@ Registered from ``tests/conftest.py`` (``pytest_plugins``). The fault suite
 * the market's clock follows real time (``background``) and :meth:`Case.advance` moves it
   further; the reconciler children read the same offset from a file (fault_runner's
   ``--clock-file``), so request ages and unresponsive timers are honest without waiting;
-* the reconciler always runs as a child process (tests/fault_runner.py) so it can be
-  SIGKILLed; :meth:`Case.check_converged` checks every end-state invariant from EC2 itself
-  and from inside the nodes.
+* the reconciler runs as a child process (tests/fault_runner.py) so it can be SIGKILLed;
+  :meth:`Case.check_converged` checks every end-state invariant from EC2 itself and from
+  inside the nodes (its last, read-only steady-state pass and `doctor` run in-process).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import fcntl
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -304,15 +305,6 @@ class Case:
     def live_of(self, role: str) -> list[dict]:
         return [i for i in self.live_instances() if self.role(i) == role]
 
-    def wait_live(self, role: str, count: int, timeout: float = 30) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [i for i in self.live_of(role)
-                     if i["InstanceId"] in self.lab.farm.nodes]
-            if len(found) >= count or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
-
     def sh(self, instance_id: str, script: str, check: bool = True) -> str:
         return self.lab.farm.exec(instance_id, ["bash", "-c", script],
                                   check=check).stdout.decode()
@@ -351,7 +343,7 @@ class Case:
                                        instance_id=i["InstanceId"],
                                        private_ip=i["PrivateIpAddress"]) for i in live}
         names = {short_name(n) for n in nodes.values()}
-        probe = (f"grep -cxF -- {_q(self.lab.mgmt_key)} {DISCO_HOME}/.ssh/authorized_keys;"
+        probe = (f"grep -cxF -- {shlex.quote(self.lab.mgmt_key)} {DISCO_HOME}/.ssh/authorized_keys;"
                  "grep -cx '# BEGIN disposabledisco' /etc/hosts;"
                  "sed -n '/^# BEGIN disposabledisco/,/^# END disposabledisco/p' /etc/hosts"
                  " | grep -v '^#' | awk '{print $2}' | sort | tr '\\n' ' '; echo;"
@@ -414,11 +406,6 @@ class Case:
                 "killed": sum(r.killed for r in self.runs),
                 "tracebacks": sum(r.traceback for r in self.runs),
                 "codes": [r.code for r in self.runs]}
-
-
-def _q(text: str) -> str:
-    import shlex
-    return shlex.quote(text)
 
 
 def in_process(argv: list[str]) -> tuple[int, str]:
