@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shlex
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,10 @@ _MANAGED_DISCO_SETTINGS = {
     "DISCO_USER": "set the top-level DISCO_USER key instead",
     "DISCO_MASTER_HOST": "disposabledisco sets it to the master's name, so remove it",
 }
+
+#: TAG_KEY's default before it became required: still accepted (running clusters carry it),
+#: with a warning, since any config that left TAG_KEY out shared it.
+_OLD_DEFAULT_TAG_KEY = "disposabledisco"
 
 _PRICE_KEYS = ("MAX_BID", "MAX_HOURLY_COST")
 _MGMT_KEY_FILES = ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub")
@@ -451,6 +456,9 @@ def _error_problems(error: ValidationError) -> list[_Problem]:
                 continue
             parts = (*base, name)
             sub = props.get(name) or _schema()["properties"].get(name, {})
+            if "x-missing" in sub and not base:
+                out.append((parts, sub["x-missing"]))
+                continue
             need = f", but it is required when {when}" if when else ""
             out.append((parts, f"{_path_str(parts)} is missing{need}; add it: {_expect(sub)}."))
         return out
@@ -519,6 +527,36 @@ def _non_finite(value: Any, parts: tuple[Any, ...] = ()) -> Iterator[_Problem]:
             yield from _non_finite(v, (*parts, i))
 
 
+#: Tag keys other owners use on instances: a cluster keyed by one of them would count, tag
+#: and terminate their instances as its own. (prefix, who owns it), compared ignoring case.
+_FOREIGN_TAG_PREFIXES = (
+    ("aws:", "the prefix \"aws:\" is reserved by AWS"),
+    ("disposabledisco:", "the prefix \"disposabledisco:\" is reserved for bookkeeping tags"),
+    ("kubernetes.io/", "Kubernetes owns keys under \"kubernetes.io/\""),
+    ("k8s.io/", "Kubernetes owns keys under \"k8s.io/\""),
+    ("karpenter.sh/", "Karpenter owns keys under \"karpenter.sh/\""),
+    ("karpenter.k8s.aws/", "Karpenter owns keys under \"karpenter.k8s.aws/\""),
+    ("eks:", "Amazon EKS owns keys starting \"eks:\""),
+    ("alpha.eksctl.io/", "eksctl owns keys under \"alpha.eksctl.io/\""),
+    ("elasticbeanstalk:", "Elastic Beanstalk owns keys starting \"elasticbeanstalk:\""),
+    ("ray-", "Ray's cluster launcher owns keys starting \"ray-\""),
+    ("flintrock-", "Flintrock owns keys starting \"flintrock-\""),
+)
+
+
+def _tag_key_owner(tag: str) -> str | None:
+    """Why a TAG_KEY is someone else's (None when it may be ours)."""
+    low = tag.lower()
+    if low == "name":
+        return "\"Name\" is the instance name tag that most instances in an account carry"
+    if ".kubernetes.io/" in low or ".k8s.io/" in low:
+        return "Kubernetes owns keys under \"*.kubernetes.io/\" and \"*.k8s.io/\""
+    for prefix, owner in _FOREIGN_TAG_PREFIXES:
+        if low.startswith(prefix):
+            return owner
+    return None
+
+
 def _matches(key: str, value: Any) -> bool:
     """Whether a string value fits its key's schema pattern (so a cross-check makes sense)."""
     pattern = _schema()["properties"][key]["pattern"]
@@ -577,10 +615,11 @@ def _semantic_problems(data: Mapping[str, Any]) -> list[_Problem]:
                                           "MAX_HOURLY_COST or lower MAX_BID."))
 
     tag = data.get("TAG_KEY")
-    if isinstance(tag, str) and tag.lower().startswith("disposabledisco:"):
-        out.append((("TAG_KEY",), f"TAG_KEY is {_show(tag)}, but the prefix \"disposabledisco:\" "
-                                  "is reserved for bookkeeping tags; use a name without it, "
-                                  "e.g. \"disposabledisco-prod\"."))
+    owner = _tag_key_owner(tag) if isinstance(tag, str) else None
+    if owner:
+        out.append((("TAG_KEY",), f"TAG_KEY is {_show(tag)}, but {owner}, so this cluster would "
+                                  "act on instances it does not own; use a key of its own, e.g. "
+                                  "\"disco-<something unique>\"."))
 
     region, zone = data.get("REGION"), data.get("AVAILABILITY_ZONE")
     if _matches("REGION", region) and _matches("AVAILABILITY_ZONE", zone):
@@ -615,6 +654,10 @@ def _warnings(values: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:
     if values["DISCO_APT_SOURCE"] is not None and values["DISCO_INSTALL"] != "apt":
         out.append(f"DISCO_APT_SOURCE is ignored because DISCO_INSTALL is "
                    f"{_show(values['DISCO_INSTALL'])}, not \"apt\".")
+    if values["TAG_KEY"] == _OLD_DEFAULT_TAG_KEY:
+        out.append(f"TAG_KEY is {_show(_OLD_DEFAULT_TAG_KEY)}, the default of earlier versions "
+                   "that other configs may share, and clusters sharing a TAG_KEY take each "
+                   "other's nodes; keep it only if no other config in this account uses it.")
     if values["HOST_KEY_POLICY"] == "insecure":
         out.append("HOST_KEY_POLICY is \"insecure\": SSH host keys are not checked, so use it "
                    "only for tests.")
@@ -785,6 +828,8 @@ def default_config() -> dict[str, Any]:
             cfg[key] = PLACEHOLDER_AMI
         elif key == "KEY_NAME":
             cfg[key] = "disposabledisco"
+        elif key == "TAG_KEY":
+            cfg[key] = f"disco-{secrets.token_hex(4)}"  # the identity no other config shares
         elif key == "MGMT_KEY":
             cfg[key] = _read_mgmt_key()
         else:

@@ -17,6 +17,9 @@ GOOD = {"AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "TAG_KEY": "ddbad", "NU
 BAD_CONFIGS = [
     ({"NUM_SLAVE": 3}, ["NUM_SLAVE", "did you mean NUM_SLAVES"]),
     ({"TAG_KEY": "aws:cluster"}, ["TAG_KEY", "aws:"]),
+    ({"TAG_KEY": None}, ["TAG_KEY is missing", "disco-<something unique>", "init"]),
+    ({"TAG_KEY": "Name"}, ["TAG_KEY", "instance name tag"]),
+    ({"TAG_KEY": "kubernetes.io/cluster/x"}, ["TAG_KEY", "Kubernetes"]),
     ({"AMI": "ami-xyz"}, ["AMI", "ami-0123456789abcdef0"]),
     ({"NUM_SLAVES": -1}, ["NUM_SLAVES", "0 to 1000"]),
     ({"MAX_BID": "ten cents"}, ["MAX_BID"]),

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from disposabledisco.init import render_default_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
-BASE = {"AMI": "ami-12345678", "KEY_NAME": "disco-test"}
+BASE = {"AMI": "ami-12345678", "KEY_NAME": "disco-test", "TAG_KEY": "disco-test"}
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 ACCESS = "AKIAIOSFODNN7EXAMPLE"
 DELETE = object()
@@ -61,7 +62,7 @@ def test_schema_is_valid_draft_2020_12_and_describes_every_key():
     schema = load_schema()
     Draft202012Validator.check_schema(schema)
     assert schema["additionalProperties"] is False
-    assert set(schema["required"]) == {"AMI", "KEY_NAME"}
+    assert set(schema["required"]) == {"AMI", "KEY_NAME", "TAG_KEY"}
     for key, prop in schema["properties"].items():
         assert prop.get("description"), f"{key} has no description"
         if key not in schema["required"] and key != "$schema":
@@ -104,11 +105,15 @@ def test_reference_doc_is_the_committed_rendering():
 def test_default_config_is_valid_and_round_trips(tmp_path):
     data = default_config()
     assert data["AMI"] == PLACEHOLDER_AMI and data["KEY_NAME"] == "disposabledisco"
+    assert re.fullmatch(r"disco-[0-9a-f]{8}", data["TAG_KEY"])
     assert data["$schema"].startswith("file://") and data["$schema"].endswith("/schema.json")
     assert Path(data["$schema"][len("file://"):]).is_file()
     assert "AWS_SECRET" not in data and "AWS_ACCESS" not in data
     text = render_default_config()
-    assert text.endswith("}\n") and json.loads(text) == data
+    printed = json.loads(text)
+    assert text.endswith("}\n") and printed["TAG_KEY"] != data["TAG_KEY"]
+    assert printed == {**data, "TAG_KEY": printed["TAG_KEY"]}
+    data = printed
     path = tmp_path / "config.json"
     path.write_text(text)
     loaded = load_config(path)
@@ -132,7 +137,7 @@ def test_defaults_apply_to_a_minimal_config():
     c = load_config(CONFIGS / "minimal.json")
     assert c["INSTANCE_TYPE"] == "m5.large"
     assert c["MAX_BID"] == 0.1 and isinstance(c["MAX_BID"], float)
-    assert c.tag_key == "disposabledisco"
+    assert c.tag_key == "disco-minimal"
     assert c["SSH_USER"] == "ubuntu" and c["SSH_PORT"] == 22 and c["SSH_CONCURRENCY"] == 32
     assert c["MASTER_MARKET"] == "spot" and c["SPOT_REQUEST_TYPE"] == "one-time"
     assert c["SPOT_OPEN_TIMEOUT_MINUTES"] == 10 and c["UNRESPONSIVE_MINUTES"] == 15
@@ -146,6 +151,19 @@ def test_defaults_apply_to_a_minimal_config():
     assert c.slave_groups == (GroupSpec("slave", "m5.large", "m5.large", 0, 0.1, 1, "spot"),)
     assert c.desired_slaves == 0
     assert c.warnings == ()
+
+
+def test_init_writes_a_new_unique_tag_key_each_time():
+    keys = {json.loads(render_default_config())["TAG_KEY"] for _ in range(20)}
+    assert len(keys) == 20
+    assert all(re.fullmatch(r"disco-[0-9a-f]{8}", k) for k in keys)
+
+
+def test_a_foreign_tag_key_message_is_one_sentence_with_the_fix():
+    (problem,) = problems_of(with_(TAG_KEY="Name"))
+    assert problem.startswith('TAG_KEY is "Name", but ')
+    assert problem.replace("e.g. ", "").count(". ") == 0 and problem.endswith(".")
+    assert "does not own" in problem and '"disco-<something unique>"' in problem
 
 
 def test_mgmt_key_comes_from_the_first_public_key_found(tmp_path, monkeypatch):
@@ -173,6 +191,7 @@ def test_original_2012_config_loads_with_its_meaning():
     assert c["AMI"] == "ami-6d3f9704" and c["KEY_NAME"] == "sajal"
     assert c["SECURITY_GROUPS"] == ["disco"]
     assert c.tag_key == "disposabledisco"
+    assert any("default of earlier versions" in w for w in c.warnings)
     assert c["MAX_BID"] == 0.10
     assert c.master == GroupSpec("master", "master", "m1.large", 1, 0.10, 1, "spot")
     assert c.slave_groups == (GroupSpec("slave", "c1.xlarge", "c1.xlarge", 4, 0.10, 2, "spot"),)
@@ -237,6 +256,9 @@ def test_whole_number_floats_become_ints():
     ("INSTANCE_TYPE", "u-6tb1.metal"),
     ("TAG_KEY", "my cluster/prod:1 @team+x=y"),
     ("TAG_KEY", "awsome"),
+    ("TAG_KEY", "Names"),
+    ("TAG_KEY", "disco-ray-x"),
+    ("TAG_KEY", "rayon"),
     ("MAX_BID", "0.10"),
     ("MAX_BID", 0.1),
     ("MAX_BID", "2"),
@@ -284,7 +306,20 @@ BAD = [
     ("aws tag key", {"TAG_KEY": "aws:cluster"}, "TAG_KEY", 'not starting with "aws:"'),
     ("AWS tag key", {"TAG_KEY": "AWS:cluster"}, "TAG_KEY", 'not starting with "aws:"'),
     ("tag key too long", {"TAG_KEY": "x" * 129}, "TAG_KEY", "1 to 128 characters"),
-    ("reserved tag prefix", {"TAG_KEY": "disposabledisco:x"}, "TAG_KEY", "without it"),
+    ("reserved tag prefix", {"TAG_KEY": "disposabledisco:x"}, "TAG_KEY", "bookkeeping tags"),
+    ("tag key missing", {"TAG_KEY": DELETE}, "TAG_KEY is missing",
+     '"TAG_KEY": "disco-<something unique>"'),
+    ("tag key Name", {"TAG_KEY": "Name"}, "TAG_KEY", "instance name tag"),
+    ("tag key name lowercase", {"TAG_KEY": "nAME"}, "TAG_KEY", "instance name tag"),
+    ("tag key kubernetes", {"TAG_KEY": "kubernetes.io/cluster/prod"}, "TAG_KEY", "Kubernetes"),
+    ("tag key k8s sub", {"TAG_KEY": "node.k8s.io/role"}, "TAG_KEY", "Kubernetes"),
+    ("tag key k8s", {"TAG_KEY": "K8S.io/x"}, "TAG_KEY", "Kubernetes"),
+    ("tag key karpenter", {"TAG_KEY": "karpenter.sh/nodepool"}, "TAG_KEY", "Karpenter"),
+    ("tag key eks", {"TAG_KEY": "eks:cluster-name"}, "TAG_KEY", "Amazon EKS"),
+    ("tag key beanstalk", {"TAG_KEY": "elasticbeanstalk:environment-name"}, "TAG_KEY",
+     "Elastic Beanstalk"),
+    ("tag key ray", {"TAG_KEY": "ray-cluster-name"}, "TAG_KEY", "Ray"),
+    ("tag key flintrock", {"TAG_KEY": "flintrock-role"}, "TAG_KEY", "Flintrock"),
     ("bad AMI", {"AMI": "ami-xyz"}, "AMI", "8 or 17 lowercase hex digits"),
     ("AMI newline", {"AMI": "ami-12345678\n"}, "AMI", "8 or 17 lowercase hex digits"),
     ("missing AMI", {"AMI": DELETE}, "AMI is missing", "ami-"),
@@ -542,7 +577,7 @@ def test_state_dir_is_per_tag_key_and_file_name_safe(tmp_path, monkeypatch):
 def test_relative_paths_are_relative_to_the_config_file(tmp_path):
     path = write(tmp_path, json.dumps(with_(STATE_DIR="state")))
     c = load_config(path)
-    assert c.state_dir == tmp_path / "state" / "disposabledisco"
+    assert c.state_dir == tmp_path / "state" / "disco-test"
     assert c.resolve_path("disco.tgz") == tmp_path / "disco.tgz"
     assert c.resolve_path("/abs/x") == Path("/abs/x")
 
