@@ -184,9 +184,35 @@ class Config:
         return sum(g.count for g in self.slave_groups)
 
     @property
+    def region(self) -> str:
+        """The AWS region every EC2 call goes to, decided locally (no network).
+
+        REGION, else AWS_REGION or AWS_DEFAULT_REGION, else the region of AWS_PROFILE (the
+        config key, else the environment's profile) in ~/.aws/config, else us-east-1.
+        """
+        return self.values.get("REGION") or _environment_region(self.values.get("AWS_PROFILE"))
+
+    @property
+    def endpoint_url(self) -> str | None:
+        """The EC2 endpoint in use when it is not AWS's: ENDPOINT_URL, else the variables
+        botocore honours (AWS_ENDPOINT_URL_EC2, then AWS_ENDPOINT_URL)."""
+        if self.values.get("ENDPOINT_URL"):
+            return str(self.values["ENDPOINT_URL"])
+        if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
+            return None
+        return os.environ.get("AWS_ENDPOINT_URL_EC2") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+    @property
     def state_dir(self) -> Path:
-        """This cluster's local folder: STATE_DIR/<TAG_KEY made safe as a file name>."""
-        return self.resolve_path(self.values["STATE_DIR"]) / _safe_file_name(self.tag_key)
+        """This cluster's local folder: STATE_DIR/<TAG_KEY>@<region>[+<endpoint digest>].
+
+        One per cluster *and* place: the same TAG_KEY in two regions (or against a local
+        endpoint) is two clusters, and must not share a lock, pinned host keys or tokens.
+        """
+        name = f"{_safe_file_name(self.tag_key)}@{_safe_file_name(self.region)}"
+        if self.endpoint_url:
+            name += "+" + hashlib.sha256(self.endpoint_url.encode("utf-8")).hexdigest()[:8]
+        return self.resolve_path(self.values["STATE_DIR"]) / name
 
     def resolve_path(self, value: str) -> Path:
         """A path from the config as the user means it: ~ expanded, relative to the file.
@@ -198,6 +224,21 @@ class Config:
         if not p.is_absolute() and self.path is not None:
             p = self.path.parent / p
         return p.absolute()
+
+
+def _environment_region(profile: str | None) -> str:
+    """The region boto3 would pick without a REGION key, or us-east-1; reads only local
+    files. A profile that does not exist gives us-east-1 here; `load_config` refuses it."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        return region
+    import boto3  # noqa: PLC0415  (slow to import; only needed without REGION)
+    import botocore.exceptions  # noqa: PLC0415
+
+    try:
+        return boto3.session.Session(profile_name=profile or None).region_name or "us-east-1"
+    except botocore.exceptions.BotoCoreError:
+        return "us-east-1"
 
 
 # --------------------------------------------------------------------------- schema

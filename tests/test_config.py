@@ -564,8 +564,10 @@ def test_other_warnings():
 
 def test_state_dir_is_per_tag_key_and_file_name_safe(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    c = parse_config(with_(TAG_KEY="disco-prod"))
-    assert c.state_dir == tmp_path / ".disposabledisco" / "disco-prod"
+    monkeypatch.delenv("AWS_ENDPOINT_URL_EC2", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    c = parse_config(with_(TAG_KEY="disco-prod", REGION="eu-west-1"))
+    assert c.state_dir == tmp_path / ".disposabledisco" / "disco-prod@eu-west-1"
     a = parse_config(with_(TAG_KEY="team/a b", STATE_DIR="/var/tmp/dd")).state_dir
     b = parse_config(with_(TAG_KEY="team_a_b", STATE_DIR="/var/tmp/dd")).state_dir
     assert a.parent == Path("/var/tmp/dd") and a != b
@@ -577,7 +579,8 @@ def test_state_dir_is_per_tag_key_and_file_name_safe(tmp_path, monkeypatch):
 def test_relative_paths_are_relative_to_the_config_file(tmp_path):
     path = write(tmp_path, json.dumps(with_(STATE_DIR="state")))
     c = load_config(path)
-    assert c.state_dir == tmp_path / "state" / "disco-test"
+    assert c.state_dir.parent == tmp_path / "state"
+    assert c.state_dir.name.startswith("disco-test@")
     assert c.resolve_path("disco.tgz") == tmp_path / "disco.tgz"
     assert c.resolve_path("/abs/x") == Path("/abs/x")
 
