@@ -1,0 +1,466 @@
+"""One reconcile pass below the CLI: bookkeeping in tags, what is applied, and exit codes.
+
+The EC2 gateway and the node worker are in-process doubles: the EC2 double keeps
+requests and instances as boto3-shaped dicts (so `build_cluster` sees what EC2 would
+list, and tags written by one pass are what the next pass reads), the worker answers
+each node's work as the test says. The real gateways are tested against moto and real
+sshd elsewhere; these tests check the pass's own decisions in milliseconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from disposabledisco import reconcile
+from disposabledisco.cluster import (
+    TAG_BOOTSTRAP,
+    TAG_FAILURES,
+    TAG_GROUP,
+    TAG_HOSTS,
+    TAG_JOINED,
+    TAG_UNREACHABLE,
+    join_tag,
+)
+from disposabledisco.config import parse_config
+from disposabledisco.ec2 import AwsError, Observation
+from disposabledisco.plan import ApplyMembership, Bootstrap, CancelRequests, Join, Launch
+from disposabledisco.ssh import SshError
+from disposabledisco.tokens import TokenBook
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+TAG = "dd-unit"
+
+
+def config(tmp_path, **overrides):
+    values = {"AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "TAG_KEY": TAG,
+              "INSTANCE_TYPE": "m5.large", "NUM_SLAVES": 1, "MAX_BID": "0.10",
+              "STATE_DIR": str(tmp_path / "state"), "MGMT_KEY": "", "DISCO_INSTALL": "none",
+              **overrides}
+    return parse_config({k: v for k, v in values.items() if v is not None})
+
+
+class FakeEc2:
+    """EC2 as dicts: launches fulfil at once (untagged spot instances), tags stick."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, dict] = {}
+        self.instances: dict[str, dict] = {}
+        self.writes: list[tuple] = []
+        self.fail_launch: AwsError | None = None
+        self._ids = itertools.count(1)
+
+    def add_instance(self, role: str, state: str = "running", minutes_old: float = 30,
+                     **tags: str) -> str:
+        iid = f"i-{next(self._ids):04d}"
+        group = "master" if role == "master" else "m5.large"
+        self.instances[iid] = {
+            "InstanceId": iid, "State": {"Name": state}, "InstanceType": "m5.large",
+            "LaunchTime": NOW - timedelta(minutes=minutes_old), "ImageId": "ami-x",
+            "PrivateIpAddress": f"10.0.0.{len(self.instances) + 10}",
+            "Tags": [{"Key": k, "Value": v} for k, v in
+                     {TAG: role, TAG_GROUP: group, **tags}.items()]}
+        return iid
+
+    def add_open_request(self, minutes_old: float, role: str = "slave") -> str:
+        rid = f"sir-{next(self._ids):04d}"
+        self.requests[rid] = {
+            "SpotInstanceRequestId": rid, "State": "open", "Type": "one-time",
+            "Status": {"Code": "pending-evaluation"}, "SpotPrice": "0.1",
+            "CreateTime": NOW - timedelta(minutes=minutes_old),
+            "LaunchSpecification": {"InstanceType": "m5.large", "ImageId": "ami-x"},
+            "Tags": [{"Key": TAG, "Value": role}, {"Key": TAG_GROUP, "Value": "m5.large"}]}
+        return rid
+
+    def tags_of(self, iid: str) -> dict[str, str]:
+        return {t["Key"]: t["Value"] for t in self.instances[iid]["Tags"]}
+
+    # -- the gateway's interface ---------------------------------------------------------
+
+    def observe(self) -> Observation:
+        return Observation(copy.deepcopy(list(self.requests.values())),
+                           copy.deepcopy(list(self.instances.values())))
+
+    def tag(self, instance_ids: list[str], tags: dict[str, str]) -> None:
+        self.writes.append(("tag", tuple(instance_ids), dict(tags)))
+        for iid in instance_ids:
+            self.instances[iid]["Tags"] = [{"Key": k, "Value": v} for k, v in
+                                           {**self.tags_of(iid), **tags}.items()]
+
+    def untag(self, instance_ids: list[str], keys: list[str]) -> None:
+        self.writes.append(("untag", tuple(instance_ids), tuple(keys)))
+        for iid in instance_ids:
+            self.instances[iid]["Tags"] = [t for t in self.instances[iid]["Tags"]
+                                           if t["Key"] not in keys]
+
+    def cancel(self, request_ids: list[str]) -> None:
+        self.writes.append(("cancel", tuple(request_ids)))
+        for rid in request_ids:
+            self.requests[rid]["State"] = "cancelled"
+
+    def terminate(self, instance_ids: list[str]) -> None:
+        self.writes.append(("terminate", tuple(instance_ids)))
+        for iid in instance_ids:
+            self.instances[iid]["State"] = {"Name": "terminated"}
+
+    def launch(self, role, group, instance_type, count, market, bid, token) -> list[str]:
+        self.writes.append(("launch", role, count, market, token))
+        if self.fail_launch:
+            raise self.fail_launch
+        ids = []
+        for _ in range(count):
+            iid = f"i-{next(self._ids):04d}"
+            self.instances[iid] = {
+                "InstanceId": iid, "State": {"Name": "running"}, "InstanceType": instance_type,
+                "LaunchTime": NOW, "ImageId": "ami-x", "InstanceLifecycle": "spot",
+                "PrivateIpAddress": f"10.0.1.{len(self.instances)}", "Tags": []}
+            rid = f"sir-{next(self._ids):04d}"
+            self.requests[rid] = {
+                "SpotInstanceRequestId": rid, "State": "active", "InstanceId": iid,
+                "Status": {"Code": "fulfilled"}, "SpotPrice": str(bid), "CreateTime": NOW,
+                "Type": "one-time", "LaunchSpecification": {"InstanceType": instance_type},
+                "Tags": [{"Key": TAG, "Value": role}, {"Key": TAG_GROUP, "Value": group}]}
+            ids.append(rid)
+        return ids
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    error: str | None = None
+    log_tail: tuple[str, ...] = ()
+
+
+class FakeWorker:
+    """Node work that succeeds unless an instance is listed in `failing`."""
+
+    def __init__(self, failing: set[str] = frozenset(), master_raises: bool = False) -> None:
+        self.failing = set(failing)
+        self.master_raises = master_raises
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def _outcome(self, iid: str) -> Outcome:
+        if iid in self.failing:
+            return Outcome(False, f"{iid}: connection refused", ("last log line",))
+        return Outcome(True)
+
+    def bootstrap(self, nodes):
+        self.calls.append(("bootstrap", tuple(n.instance_id for n in nodes)))
+        return {n.instance_id: self._outcome(n.instance_id) for n in nodes}
+
+    def join(self, master, slaves):
+        self.calls.append(("join", (master.instance_id, *(s.instance_id for s in slaves))))
+        if self.master_raises:
+            raise SshError(None, f"{master.instance_id}: connection refused")
+        return {s.instance_id: self._outcome(s.instance_id) for s in slaves}
+
+    def apply_membership(self, master, members):
+        self.calls.append(("membership", tuple(n.instance_id for n in members)))
+        return self._outcome(master.instance_id)
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.calls]
+
+
+def run(cfg, ec2, worker, now=NOW, **kwargs) -> reconcile.PassReport:
+    return reconcile.run_pass(cfg, ec2, worker, now=lambda: now, **kwargs)
+
+
+def result_of(report, kind):
+    found = [r for r in report.results if isinstance(r.action, kind)]
+    assert len(found) == 1, [type(r.action).__name__ for r in report.results]
+    return found[0]
+
+
+def failure_tags(ec2) -> list[tuple]:
+    return [w for w in ec2.writes if w[0] == "tag" and TAG_FAILURES in w[2]]
+
+
+# -- convergence and exit codes --------------------------------------------------------------
+
+def test_from_nothing_to_converged_with_exit_codes_10_then_0(tmp_path):
+    cfg, ec2, worker = config(tmp_path), FakeEc2(), FakeWorker()
+    first = run(cfg, ec2, worker)
+    assert [type(r.action) for r in first.results] == [Launch, Launch]
+    assert first.exit_code == reconcile.EXIT_PROGRESSING and first.did_something
+    second = run(cfg, ec2, worker)
+    assert second.exit_code == reconcile.EXIT_PROGRESSING
+    assert worker.kinds() == ["bootstrap", "join", "membership"]
+    third = run(cfg, ec2, worker)
+    assert third.plan.actions == () and third.results == []
+    assert third.exit_code == reconcile.EXIT_CONVERGED and third.converged
+    assert {n.state for n in third.cluster.nodes} == {"ready"}
+    master = next(n for n in third.cluster.nodes if n.role == "master")
+    slave = next(n for n in third.cluster.nodes if n.role == "slave")
+    assert slave.tags[TAG_JOINED] == join_tag(master.instance_id, "", None)
+    assert master.tags[TAG_BOOTSTRAP] == reconcile.desired_state(cfg).bootstrap["master"]
+
+
+def test_converged_needs_the_desired_number_of_ready_slaves(tmp_path):
+    cfg, ec2, worker = config(tmp_path, NUM_SLAVES=2), FakeEc2(), FakeWorker()
+    for _ in range(3):
+        run(cfg, ec2, worker)
+    assert run(cfg, ec2, worker).exit_code == reconcile.EXIT_CONVERGED
+    report = run(config(tmp_path, NUM_SLAVES=3), ec2, worker, dry_run=True)
+    assert report.exit_code == reconcile.EXIT_PROGRESSING and not report.converged
+
+
+def test_a_failed_ec2_action_fails_the_pass_and_the_rest_still_runs(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    ec2.fail_launch = AwsError("InsufficientInstanceCapacity", "no capacity")
+    report = run(cfg, ec2, FakeWorker())
+    assert [r.ok for r in report.results] == [False, False]  # both launches tried
+    assert "InsufficientInstanceCapacity" in report.results[0].detail
+    assert report.failed and report.exit_code == reconcile.EXIT_FAILED
+
+
+def test_plan_problems_fail_the_pass_even_when_every_action_worked(tmp_path):
+    cfg, ec2 = config(tmp_path, NUM_SLAVES=5, MAX_HOURLY_COST="0.30"), FakeEc2()
+    report = run(cfg, ec2, FakeWorker())
+    assert report.plan.problems and "MAX_HOURLY_COST" in report.plan.problems[0]
+    assert report.results and all(r.ok for r in report.results)
+    assert report.failed and report.exit_code == reconcile.EXIT_FAILED
+
+
+def test_a_failed_node_fails_the_pass_with_its_log(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    master = ec2.add_instance("master")
+    report = run(cfg, ec2, FakeWorker(failing={master}))
+    result = result_of(report, Bootstrap)
+    assert not result.ok and result.detail == "0 of 1 done"
+    assert result.node_errors == {master: f"{master}: connection refused\nlast log line"}
+    assert report.exit_code == reconcile.EXIT_FAILED
+
+
+def test_dry_run_applies_nothing(tmp_path):
+    cfg, ec2, worker = config(tmp_path), FakeEc2(), FakeWorker()
+    ec2.add_instance("master", **{TAG_FAILURES: "1"})
+    report = run(cfg, ec2, worker, dry_run=True)
+    assert [type(a) for a in report.plan.actions] == [Launch, Bootstrap, ApplyMembership]
+    assert report.results == [] and ec2.writes == [] and worker.calls == []
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").rglob("tokens*"))
+    assert report.exit_code == reconcile.EXIT_PROGRESSING
+
+
+def test_down_wants_no_slaves_and_cancels_then_terminates(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    master = ec2.add_instance("master")
+    rid = ec2.add_open_request(1)
+    report = run(cfg, ec2, None, down=True)
+    assert report.desired_slaves == 0
+    assert ec2.writes == [("cancel", (rid,)), ("terminate", (master,))]
+    assert run(cfg, ec2, None, down=True).plan.actions == ()
+
+
+def test_without_ssh_node_work_is_skipped_not_failed(tmp_path):
+    cfg, ec2 = config(tmp_path, NUM_SLAVES=0), FakeEc2()
+    ec2.add_instance("master")
+    report = run(cfg, ec2, None)
+    assert [type(r.action) for r in report.results] == [Bootstrap, ApplyMembership]
+    assert report.results and all(r.ok and r.skipped for r in report.results)
+    assert not report.did_something
+    assert report.exit_code == reconcile.EXIT_PROGRESSING  # not converged: not bootstrapped
+
+
+def test_launches_use_one_token_per_decision_from_the_token_book(tmp_path):
+    cfg, ec2 = config(tmp_path, NUM_SLAVES=0), FakeEc2()
+    ec2.fail_launch = AwsError("RequestLimitExceeded", "slow down")
+    run(cfg, ec2, None)
+    run(cfg, ec2, None, now=NOW + timedelta(minutes=1))  # same decision, same token
+    first, again = (w[4] for w in ec2.writes)
+    assert first == again
+    key = run(cfg, ec2, None, dry_run=True).plan.actions[0].key
+    assert TokenBook(cfg.state_dir).token_for(key, NOW) == first
+
+
+# -- the open-request timeout is in minutes ---------------------------------------------------
+
+@pytest.mark.parametrize(("minutes_old", "stale"), [(4, False), (6, True)])
+def test_spot_open_timeout_minutes_are_minutes(tmp_path, minutes_old, stale):
+    cfg = config(tmp_path, NUM_SLAVES=1, SPOT_OPEN_TIMEOUT_MINUTES=5)
+    assert reconcile.desired_state(cfg).open_timeout == timedelta(minutes=5)
+    ec2 = FakeEc2()
+    rid = ec2.add_open_request(minutes_old)
+    report = run(cfg, ec2, None, dry_run=True)
+    cancels = [a for a in report.plan.actions if isinstance(a, CancelRequests)]
+    slave_bids = [a for a in report.plan.actions if isinstance(a, Launch) and a.role == "slave"]
+    assert [c.request_ids for c in cancels] == ([(rid,)] if stale else [])
+    assert len(slave_bids) == (1 if stale else 0)
+
+
+# -- failure bookkeeping ----------------------------------------------------------------------
+
+def test_first_failure_counts_one_and_starts_the_unreachable_clock(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    master = ec2.add_instance("master")
+    run(cfg, ec2, FakeWorker(failing={master}))
+    assert failure_tags(ec2) == [("tag", (master,), {TAG_FAILURES: "1",
+                                                     TAG_UNREACHABLE: NOW.isoformat()})]
+
+
+def test_failures_count_up_by_one_per_pass_and_the_clock_is_kept(tmp_path):
+    cfg, ec2 = config(tmp_path, UNRESPONSIVE_MINUTES=60), FakeEc2()
+    master = ec2.add_instance("master")
+    worker = FakeWorker(failing={master})
+    seen = []
+    for minute in (0, 1, 2):
+        run(cfg, ec2, worker, now=NOW + timedelta(minutes=minute))
+        tags = ec2.tags_of(master)
+        seen.append((tags[TAG_FAILURES], tags[TAG_UNREACHABLE]))
+    assert seen == [(str(n), NOW.isoformat()) for n in (1, 2, 3)]
+    report = run(cfg, ec2, worker, now=NOW + timedelta(minutes=3))  # 3 failures: replaced
+    assert ("terminate", (master,)) in ec2.writes
+    assert any(isinstance(a, Launch) and a.role == "master" for a in report.plan.actions)
+
+
+def test_failure_count_starts_from_the_existing_tag(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    since = (NOW - timedelta(minutes=3)).isoformat()
+    master = ec2.add_instance("master", **{TAG_FAILURES: "1", TAG_UNREACHABLE: since})
+    run(cfg, ec2, FakeWorker(failing={master}))
+    assert failure_tags(ec2) == [("tag", (master,), {TAG_FAILURES: "2",
+                                                     TAG_UNREACHABLE: since})]
+
+
+def test_a_damaged_failure_tag_counts_as_none_before(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    master = ec2.add_instance("master", **{TAG_FAILURES: "many"})
+    run(cfg, ec2, FakeWorker(failing={master}))
+    assert ec2.tags_of(master)[TAG_FAILURES] == "1"
+
+
+def test_two_failed_outcomes_in_one_pass_count_two(tmp_path):
+    """A master whose join raises and whose host table update fails in the same pass."""
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    digests = reconcile.desired_state(cfg).bootstrap
+    master = ec2.add_instance("master", **{TAG_BOOTSTRAP: digests["master"]})
+    slave = ec2.add_instance("slave", **{TAG_BOOTSTRAP: digests["slave"]})
+    worker = FakeWorker(failing={master}, master_raises=True)
+    report = run(cfg, ec2, worker)
+    join = result_of(report, Join)
+    assert not join.ok and join.detail.startswith(f"master {master}: ")
+    assert worker.kinds() == ["join", "membership"]
+    assert not result_of(report, ApplyMembership).ok
+    assert ec2.tags_of(master)[TAG_FAILURES] == "2"
+    assert TAG_FAILURES not in ec2.tags_of(slave)  # the master failed, not the slave
+
+
+def test_membership_failure_is_charged_to_the_master(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    master = ec2.add_instance("master")
+    ec2.add_instance("slave")
+    worker = FakeWorker(failing={master})
+    run(cfg, ec2, worker)  # bootstrap fails for the master: 1
+    assert ec2.tags_of(master)[TAG_FAILURES] == "1"
+    worker.failing.clear()
+    run(cfg, ec2, worker)  # works: both tags go
+    assert not {TAG_FAILURES, TAG_UNREACHABLE} & set(ec2.tags_of(master))
+    ec2.untag([master], [TAG_HOSTS])  # the host table must be written again...
+    worker.failing.add(master)  # ...and the master does not answer
+    report = run(cfg, ec2, worker)
+    membership = result_of(report, ApplyMembership)
+    assert not membership.ok and membership.node_errors == {
+        master: f"{master}: connection refused\nlast log line"}
+    assert ec2.tags_of(master)[TAG_FAILURES] == "1"
+    assert TAG_HOSTS not in ec2.tags_of(master)
+
+
+def test_recovery_removes_both_tags_once(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    since = (NOW - timedelta(minutes=3)).isoformat()
+    master = ec2.add_instance("master", **{TAG_FAILURES: "2", TAG_UNREACHABLE: since})
+    other = ec2.add_instance("slave")
+    run(cfg, ec2, FakeWorker())
+    untags = [w for w in ec2.writes if w[0] == "untag"]
+    assert untags == [("untag", (master,), (TAG_FAILURES, TAG_UNREACHABLE))]
+    assert not {TAG_FAILURES, TAG_UNREACHABLE} & set(ec2.tags_of(master))
+    assert failure_tags(ec2) == []
+    assert other not in untags[0][1]
+
+
+def test_recovery_of_only_the_clock_tag_is_cleared_too(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    master = ec2.add_instance("master", **{TAG_UNREACHABLE: NOW.isoformat()})
+    run(cfg, ec2, FakeWorker())
+    assert ("untag", (master,), (TAG_FAILURES, TAG_UNREACHABLE)) in ec2.writes
+
+
+# -- what is skipped --------------------------------------------------------------------------
+
+def test_join_and_membership_skipped_when_the_master_bootstrap_failed(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    master = ec2.add_instance("master")
+    slave = ec2.add_instance("slave")
+    worker = FakeWorker(failing={master})
+    report = run(cfg, ec2, worker)
+    assert worker.calls == [("bootstrap", (master, slave))]
+    join, membership = result_of(report, Join), result_of(report, ApplyMembership)
+    assert (join.ok, join.skipped, join.detail) == (True, True, "master not bootstrapped yet")
+    assert (membership.skipped, membership.detail) == (True, "master not bootstrapped yet")
+    assert ec2.tags_of(slave)[TAG_BOOTSTRAP] == reconcile.desired_state(cfg).bootstrap["slave"]
+    assert TAG_JOINED not in ec2.tags_of(slave)
+    assert report.exit_code == reconcile.EXIT_FAILED
+
+
+def test_join_skips_slaves_whose_bootstrap_failed(tmp_path):
+    cfg, ec2 = config(tmp_path, NUM_SLAVES=2), FakeEc2()
+    master = ec2.add_instance("master")
+    good, bad = ec2.add_instance("slave"), ec2.add_instance("slave")
+    worker = FakeWorker(failing={bad})
+    run(cfg, ec2, worker)
+    assert worker.calls[1] == ("join", (master, good))
+    assert worker.calls[2] == ("membership", (master, good))
+    assert TAG_JOINED not in ec2.tags_of(bad)
+    assert ec2.tags_of(good)[TAG_JOINED] == join_tag(master, "", None)
+    assert TAG_BOOTSTRAP not in ec2.tags_of(bad)
+
+
+def test_join_with_no_bootstrapped_slave_is_skipped(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    digests = reconcile.desired_state(cfg).bootstrap
+    ec2.add_instance("master", **{TAG_BOOTSTRAP: digests["master"]})
+    slave = ec2.add_instance("slave")
+    worker = FakeWorker(failing={slave})
+    report = run(cfg, ec2, worker)
+    join = result_of(report, Join)
+    assert (join.skipped, join.detail) == (True, "no bootstrapped slave to join")
+    assert "join" not in worker.kinds()
+
+
+def test_membership_skipped_when_the_hosts_digest_already_matches(tmp_path):
+    cfg, ec2, worker = config(tmp_path), FakeEc2(), FakeWorker()
+    for _ in range(3):
+        run(cfg, ec2, worker)
+    new = ec2.add_instance("slave")  # a second slave whose bootstrap fails:
+    worker.failing.add(new)  # the table planned for it ends up the same as before
+    worker.calls.clear()
+    report = run(config(tmp_path, NUM_SLAVES=2), ec2, worker)
+    assert [type(a) for a in report.plan.actions] == [Bootstrap, Join, ApplyMembership]
+    membership = result_of(report, ApplyMembership)
+    assert (membership.ok, membership.skipped) == (True, True)
+    assert membership.detail == "host table already current"
+    assert worker.kinds() == ["bootstrap"]
+
+
+def test_membership_written_with_host_count_and_digest_tag(tmp_path):
+    cfg, ec2, worker = config(tmp_path, NUM_SLAVES=2), FakeEc2(), FakeWorker()
+    run(cfg, ec2, worker)
+    report = run(cfg, ec2, worker)
+    membership = result_of(report, ApplyMembership)
+    assert (membership.ok, membership.skipped, membership.detail) == (True, False, "3 host(s)")
+    master = next(n for n in report.cluster.nodes if n.role == "master").instance_id
+    assert TAG_HOSTS in ec2.tags_of(master)
+    assert len(worker.calls[-1][1]) == 3
+
+
+def test_new_instances_are_tagged_with_role_and_group(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    run(cfg, ec2, None)
+    run(cfg, ec2, None)
+    tagged = {w[1]: w[2] for w in ec2.writes if w[0] == "tag" and TAG in w[2]}
+    assert sorted(tagged.values(), key=str) == [{TAG: "master", TAG_GROUP: "master"},
+                                                {TAG: "slave", TAG_GROUP: "m5.large"}]
