@@ -31,7 +31,15 @@ from .reconcile import (
     observe,
     run_pass,
 )
-from .report import access_hint, pass_json, render_pass, status_table
+from .report import (
+    access_hint,
+    foreign_json,
+    foreign_warning,
+    node_json,
+    pass_json,
+    render_pass,
+    status_table,
+)
 
 DEFAULT_WAIT_TIMEOUT = 1800
 
@@ -148,6 +156,10 @@ def node_worker(config: Config, ec2: Ec2Gateway) -> NodeWorker:
 
 def _emit(args: argparse.Namespace, report: PassReport, config: Config,
           show_access: bool = True) -> None:
+    """Print one pass, plus at most one stderr line about what is not ours."""
+    warning = foreign_warning(config, report.cluster)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(pass_json(report), indent=2, sort_keys=True), flush=True)
         return
@@ -193,8 +205,8 @@ def _permanent(report: PassReport) -> bool:
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     cluster = observe(config, Ec2Gateway(config))
     if args.json:
-        from .report import node_json
-        print(json.dumps({"nodes": [node_json(n) for n in cluster.nodes]}, indent=2,
+        print(json.dumps({"nodes": [node_json(n) for n in cluster.nodes],
+                          "foreign": [foreign_json(f) for f in cluster.foreign]}, indent=2,
                          sort_keys=True))
     else:
         print(status_table(config, cluster))

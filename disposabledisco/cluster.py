@@ -6,13 +6,19 @@ disagree in known ways: real EC2 links them from the instance side
 cancelled request may still have a running instance, and an instance may outlive its
 request record. This module joins both views into one `Node` per machine (or per open
 bid) so the planner never has to care.
+
+It is also the cluster's boundary. A resource is ours only when its TAG_KEY value is a role
+we create (`master` or `slave`); anything else found under TAG_KEY is listed as foreign and
+never becomes a node, so nothing downstream can count, tag, cancel or terminate it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
 TAG_GROUP = "disposabledisco:group"
 TAG_BOOTSTRAP = "disposabledisco:bootstrap"
@@ -104,11 +110,26 @@ def ssh_address(node: Node, setting: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class Foreign:
+    """A resource seen under TAG_KEY that is not ours: shown to the user, never touched.
+
+    `kind` is "instance" or "spot request"; `value` is its TAG_KEY value as found (None
+    when it has no such tag; not a string: its repr); `reason` says why it is not ours.
+    """
+
+    resource_id: str
+    kind: str
+    value: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
 class Cluster:
-    """Every node found by the cluster's tag key, with queries the planner needs."""
+    """Our nodes, found by the cluster's tag key, and what was seen but is not ours."""
 
     nodes: tuple[Node, ...]
     desired: Desired = field(default_factory=Desired)
+    foreign: tuple[Foreign, ...] = ()
 
     def of(self, role: str, group: str | None = None) -> list[Node]:
         return [n for n in self.nodes
@@ -136,25 +157,219 @@ def keep_order(node: Node) -> tuple:
     return (STATE_RANK.get(node.state, 9), age, node.key)
 
 
-def build_cluster(requests: Iterable[Mapping], instances: Iterable[Mapping], tag_key: str,
+@dataclass(frozen=True)
+class Ownership:
+    """The ids that are ours, by the very test `build_cluster` applies (see `ownership`)."""
+
+    requests: frozenset[str]
+    instances: frozenset[str]
+
+
+def ownership(requests: Iterable[Any], instances: Iterable[Any], tag_key: str) -> Ownership:
+    """Which spot requests and instances are ours: the cluster's boundary, in one place.
+
+    - A spot request is ours when its own TAG_KEY value is `master` or `slave`.
+    - An instance is judged by its own TAG_KEY tag when it has one: ours only with a role
+      value; any other value (`webserver`, `""`, a non-string) makes it foreign even when
+      a request of ours launched it (the instance's own tag wins).
+    - An instance without a TAG_KEY tag is ours only when it is linked to a request of ours
+      (its `SpotInstanceRequestId`, or the request's `InstanceId`): a fulfilled spot
+      instance that we have not tagged yet. Without such a link it is foreign.
+    - Records that are not mappings or lack a string id are neither (see `build_cluster`).
+    """
+    judged = _judge(requests, instances, tag_key)
+    return Ownership(frozenset(judged.requests), frozenset(judged.instances))
+
+
+def build_cluster(requests: Iterable[Any], instances: Iterable[Any], tag_key: str,
                   desired: Desired, now: datetime) -> Cluster:
-    """Join raw EC2 descriptions (boto3 shapes) into nodes."""
-    by_id = {i["InstanceId"]: i for i in instances}
-    request_of_instance = {i["InstanceId"]: i.get("SpotInstanceRequestId") for i in by_id.values()}
+    """Join raw EC2 descriptions (boto3 shapes) into our nodes; list the rest as foreign.
+
+    Only what `ownership` accepts becomes a `Node`; everything else found goes to
+    `Cluster.foreign`. A request of ours whose instance is foreign becomes a node without
+    that instance: state "gone", reason "its instance <id> is not ours", so the planner
+    may cancel the request (which never terminates an instance) and never touches the
+    instance. Total by design: a record that is not a mapping or has no string id is listed
+    in `foreign` as "malformed record: ..."; a field with a missing, None or odd-typed
+    value (state, type, dates, price, tags) is read as unknown; tag entries that are not
+    {"Key": str, "Value": ...} are dropped, and non-string values never become node tags.
+    Nothing here raises on data from EC2.
+    """
+    now = _moment(now) or datetime.now(timezone.utc)
+    judged = _judge(requests, instances, tag_key)
+    instance_of: dict[str, str] = {}  # request id → an instance naming it
+    for instance_id, instance in judged.all_instances.items():
+        if instance["request_id"]:
+            instance_of.setdefault(instance["request_id"], instance_id)
     nodes: list[Node] = []
     claimed: set[str] = set()
-    for request in requests:
-        instance_id = request.get("InstanceId") or next(
-            (iid for iid, rid in request_of_instance.items()
-             if rid == request["SpotInstanceRequestId"]), None)
-        instance = by_id.get(instance_id) if instance_id else None
+    for request_id, request in judged.requests.items():
+        instance_id = request["instance_id"] or instance_of.get(request_id)
+        instance = judged.instances.get(instance_id) if instance_id else None
+        if instance_id in judged.foreign_instances:
+            nodes.append(_node(tag_key, desired, now, request, None, None,
+                               detached=instance_id))
+            continue
         if instance_id:
             claimed.add(instance_id)
         nodes.append(_node(tag_key, desired, now, request, instance, instance_id))
-    for instance_id, instance in by_id.items():
+    for instance_id, instance in judged.instances.items():
         if instance_id not in claimed:
             nodes.append(_node(tag_key, desired, now, None, instance, instance_id))
-    return _require_join(Cluster(tuple(nodes), desired))
+    return _require_join(Cluster(tuple(nodes), desired, tuple(judged.foreign)))
+
+
+@dataclass
+class _Judged:
+    """Both EC2 views cleaned up (see `_clean_request`/`_clean_instance`) and split."""
+
+    requests: dict[str, dict]  # ours
+    instances: dict[str, dict]  # ours
+    all_instances: dict[str, dict]
+    foreign: list[Foreign]
+
+    @property
+    def foreign_instances(self) -> set[str]:
+        return set(self.all_instances) - set(self.instances)
+
+
+def _judge(raw_requests: Iterable[Any], raw_instances: Iterable[Any],
+           tag_key: str) -> _Judged:
+    foreign: list[Foreign] = []
+    requests = _clean_all(raw_requests, _clean_request, "spot request", foreign)
+    instances = _clean_all(raw_instances, _clean_instance, "instance", foreign)
+    ours_requests: dict[str, dict] = {}
+    for request_id, request in requests.items():
+        request["role"] = _role(request["tags"], tag_key)
+        if request["role"]:
+            ours_requests[request_id] = request
+        else:
+            foreign.append(_not_ours(request_id, "spot request", request["tags"], tag_key))
+    linked: dict[str, str] = {}  # instance id → the request of ours that launched it
+    for request_id, request in ours_requests.items():
+        if request["instance_id"]:
+            linked.setdefault(request["instance_id"], request_id)
+    for instance_id, instance in instances.items():
+        if instance["request_id"] in ours_requests:  # the instance's own link wins
+            linked[instance_id] = instance["request_id"]
+    ours_instances: dict[str, dict] = {}
+    for instance_id, instance in instances.items():
+        if tag_key in instance["tags"]:
+            instance["role"] = _role(instance["tags"], tag_key)
+        elif instance_id in linked:
+            instance["role"] = ours_requests[linked[instance_id]]["role"]
+        else:
+            instance["role"] = None
+        if instance["role"]:
+            ours_instances[instance_id] = instance
+        else:
+            foreign.append(_not_ours(instance_id, "instance", instance["tags"], tag_key))
+    return _Judged(ours_requests, ours_instances, instances, foreign)
+
+
+def _role(tags: Mapping[str, Any], tag_key: str) -> str | None:
+    value = tags.get(tag_key)
+    return value if isinstance(value, str) and value in ROLES else None
+
+
+def _not_ours(resource_id: str, kind: str, tags: Mapping[str, Any], tag_key: str) -> Foreign:
+    if tag_key not in tags:
+        tail = " and no spot request of ours" if kind == "instance" else ""
+        return Foreign(resource_id, kind, None, f"no {tag_key} tag{tail}")
+    value = tags[tag_key]
+    shown = value if isinstance(value, str) else repr(value)
+    return Foreign(resource_id, kind, shown, f"{tag_key}={shown!r} is not master or slave")
+
+
+def _clean_all(records: Iterable[Any], clean: Any, kind: str,
+               foreign: list[Foreign]) -> dict[str, dict]:
+    """Clean each record; one that cannot be read at all is listed as foreign, not raised."""
+    cleaned: dict[str, dict] = {}
+    for record in records or ():
+        result = clean(record)
+        if isinstance(result, str):
+            id_key = "InstanceId" if kind == "instance" else "SpotInstanceRequestId"
+            found = record.get(id_key) if isinstance(record, Mapping) else None
+            foreign.append(Foreign(found if isinstance(found, str) and found else "?", kind,
+                                   None, f"malformed record: {result}"))
+        else:
+            cleaned.setdefault(result["id"], result)  # a repeated id: the first one counts
+    return cleaned
+
+
+def _clean_request(raw: Any) -> dict | str:
+    """A DescribeSpotInstanceRequests entry with every field we use typed, or what is wrong."""
+    if not isinstance(raw, Mapping):
+        return f"not a mapping ({type(raw).__name__})"
+    request_id = _text(raw.get("SpotInstanceRequestId"))
+    if request_id is None:
+        return "no SpotInstanceRequestId"
+    spec = _mapping(raw.get("LaunchSpecification"))
+    status = _mapping(raw.get("Status"))
+    return {"id": request_id, "tags": _tag_map(raw.get("Tags")),
+            "instance_id": _text(raw.get("InstanceId")), "state": _text(raw.get("State")),
+            "type": _text(raw.get("Type")), "status_code": _text(status.get("Code")),
+            "bid": _price(raw.get("SpotPrice")),
+            "instance_type": _text(spec.get("InstanceType")),
+            "image_id": _text(spec.get("ImageId")), "created": _moment(raw.get("CreateTime"))}
+
+
+def _clean_instance(raw: Any) -> dict | str:
+    """A DescribeInstances entry with every field we use typed, or what is wrong."""
+    if not isinstance(raw, Mapping):
+        return f"not a mapping ({type(raw).__name__})"
+    instance_id = _text(raw.get("InstanceId"))
+    if instance_id is None:
+        return "no InstanceId"
+    return {"id": instance_id, "tags": _tag_map(raw.get("Tags")),
+            "request_id": _text(raw.get("SpotInstanceRequestId")),
+            "state": _text(_mapping(raw.get("State")).get("Name")),
+            "instance_type": _text(raw.get("InstanceType")),
+            "lifecycle": _text(raw.get("InstanceLifecycle")),
+            "image_id": _text(raw.get("ImageId")), "launched": _moment(raw.get("LaunchTime")),
+            **{key: _text(raw.get(field)) for key, field in (
+                ("private_ip", "PrivateIpAddress"), ("public_ip", "PublicIpAddress"),
+                ("private_dns", "PrivateDnsName"), ("public_dns", "PublicDnsName"))}}
+
+
+def _text(value: Any) -> str | None:
+    """A non-empty string, else None (EC2 gives "" for a DNS name it does not have)."""
+    return value if isinstance(value, str) and value else None
+
+
+def _mapping(value: Any) -> Mapping:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _tag_map(value: Any) -> dict[str, Any]:
+    """Tags as a dict; entries that are not {"Key": str, ...} are dropped."""
+    if not isinstance(value, (list, tuple)):
+        return {}
+    return {t["Key"]: t.get("Value") for t in value
+            if isinstance(t, Mapping) and isinstance(t.get("Key"), str)}
+
+
+def _price(value: Any) -> float | None:
+    """A positive, finite price in USD/h, else None."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    try:
+        price = float(value)
+    except ValueError:
+        return None
+    return price if math.isfinite(price) and price > 0 else None
+
+
+def _moment(value: Any) -> datetime | None:
+    """An aware datetime (naive ones are UTC; ISO strings are parsed), else None."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def _require_join(cluster: Cluster) -> Cluster:
@@ -170,52 +385,43 @@ def _require_join(cluster: Cluster) -> Cluster:
             reason = "waiting to join the master" if master_id else "waiting for the master"
             node = replace(node, state="running", reason=reason)
         nodes.append(node)
-    return Cluster(tuple(nodes), cluster.desired)
+    return replace(cluster, nodes=tuple(nodes))
 
 
-def _tags(resource: Mapping | None) -> dict[str, str]:
-    return {t["Key"]: t["Value"] for t in (resource or {}).get("Tags", [])}
-
-
-def _node(tag_key: str, desired: Desired, now: datetime, request: Mapping | None,
-          instance: Mapping | None, instance_id: str | None) -> Node:
-    request_tags = _tags(request)
-    instance_tags = _tags(instance)
-    tags = {**request_tags, **instance_tags}
-    role = tags.get(tag_key, "slave")
-    spec = (request or {}).get("LaunchSpecification", {})
-    instance_type = (instance or {}).get("InstanceType") or spec.get("InstanceType", "")
-    group = tags.get(TAG_GROUP) or ("master" if role == "master" else instance_type)
-    status = (request or {}).get("Status", {})
-    bid = (request or {}).get("SpotPrice")
+def _node(tag_key: str, desired: Desired, now: datetime, request: dict | None,
+          instance: dict | None, instance_id: str | None, detached: str | None = None) -> Node:
+    """One node from cleaned records; `detached`: the id of its request's foreign instance."""
+    req, inst = request or {}, instance or {}
+    instance_tags = {k: v for k, v in inst.get("tags", {}).items() if isinstance(v, str)}
+    tags = {**{k: v for k, v in req.get("tags", {}).items() if isinstance(v, str)},
+            **instance_tags}
+    role = inst.get("role") or req["role"]
+    instance_type = inst.get("instance_type") or req.get("instance_type") or ""
     fields = dict(
-        role=role, group=group, instance_type=instance_type,
-        market="spot" if request or (instance or {}).get("InstanceLifecycle") == "spot"
-        else "on-demand",
-        request_id=(request or {}).get("SpotInstanceRequestId"),
-        request_state=(request or {}).get("State"),
-        request_type=(request or {}).get("Type"),
-        status_code=status.get("Code"),
-        bid=float(bid) if bid else None,
-        image_id=spec.get("ImageId") or (instance or {}).get("ImageId"),
-        created=(request or {}).get("CreateTime"),
-        instance_id=instance_id,
-        instance_state=(instance or {}).get("State", {}).get("Name") if instance else None,
-        launched=(instance or {}).get("LaunchTime"),
-        private_ip=(instance or {}).get("PrivateIpAddress"),
-        public_ip=(instance or {}).get("PublicIpAddress"),
-        private_dns=(instance or {}).get("PrivateDnsName") or None,
-        public_dns=(instance or {}).get("PublicDnsName") or None,
+        role=role, group=tags.get(TAG_GROUP) or ("master" if role == "master"
+                                                  else instance_type),
+        instance_type=instance_type,
+        market="spot" if request or inst.get("lifecycle") == "spot" else "on-demand",
+        request_id=req.get("id"), request_state=req.get("state"),
+        request_type=req.get("type"), status_code=req.get("status_code"),
+        bid=req.get("bid"), image_id=req.get("image_id") or inst.get("image_id"),
+        created=req.get("created"), instance_id=instance_id,
+        instance_state=inst.get("state"), launched=inst.get("launched"),
+        private_ip=inst.get("private_ip"), public_ip=inst.get("public_ip"),
+        private_dns=inst.get("private_dns"), public_dns=inst.get("public_dns"),
         tags=tags,
         instance_tagged=bool(instance) and tag_key in instance_tags
         and TAG_GROUP in instance_tags,
     )
-    state, reason = _state(fields, request, instance, desired, now)
+    if detached:
+        state, reason = "gone", f"its instance {detached} is not ours"
+    else:
+        state, reason = _state(fields, instance, desired, now)
     return Node(**fields, state=state, reason=reason)
 
 
-def _state(fields: dict, request: Mapping | None, instance: Mapping | None,
-           desired: Desired, now: datetime) -> tuple[str, str]:
+def _state(fields: dict, instance: dict | None, desired: Desired,
+           now: datetime) -> tuple[str, str]:
     """Derive (state, reason): open, pending, running, ready or gone."""
     if fields["instance_id"] and instance is None:
         if fields["request_state"] == "active":
@@ -231,7 +437,7 @@ def _state(fields: dict, request: Mapping | None, instance: Mapping | None,
             if wanted and fields["tags"].get(TAG_BOOTSTRAP) == wanted and fields["instance_tagged"]:
                 return "ready", "bootstrapped"
             return "running", "waiting for bootstrap"
-        return "gone", f"instance {name}"
+        return "gone", f"instance {name or 'state unknown'}"
     state = fields["request_state"]
     if state == "open":
         created = fields["created"]

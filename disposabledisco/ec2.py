@@ -5,6 +5,11 @@ requests and one for instances per pass, plus a describe by id only for instance
 were fulfilled but not tagged yet. Creates carry their tags and a ClientToken in the
 creating call. Eventual-consistency `NotFound` answers right after a create are retried,
 never taken to mean "missing".
+
+Writes are fenced: tag, untag, cancel and terminate refuse any id that the last `observe`
+did not judge ours (`cluster.ownership`, the same test the planner's nodes come from) and
+that this gateway did not create since. A planner bug can then fail a pass, but never
+touch a resource that is not the cluster's.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from .cluster import TAG_GROUP
+from .cluster import TAG_GROUP, ownership
 from .config import Config
 
 FILTER_CHUNK = 200
@@ -61,6 +66,16 @@ class AwsError(Exception):
         super().__init__(f"{text} ({hint})" if hint else text)
 
 
+class NotOurs(AwsError):
+    """The gateway refused a write to ids that are not this cluster's; nothing was sent."""
+
+    def __init__(self, verb: str, ids: list[str], tag_key: str) -> None:
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        super().__init__(
+            "NotOurs", f"refused to {verb} {shown}: not seen as {tag_key}=master/slave in "
+            "this pass", "nothing was sent to EC2; `status` lists what is not ours")
+
+
 @dataclass(frozen=True)
 class Observation:
     requests: list[dict]
@@ -96,9 +111,10 @@ def _may_have_live_instance(request: Mapping) -> bool:
     A closed request keeps the id of its dead instance for hours; asking for that would
     cost every later pass a call.
     """
-    return bool(request.get("InstanceId")) and (
-        request.get("State") == "active"
-        or request.get("Status", {}).get("Code") == "request-canceled-and-instance-running")
+    status = request.get("Status")
+    code = status.get("Code") if isinstance(status, Mapping) else None
+    return isinstance(request.get("InstanceId"), str) and (
+        request.get("State") == "active" or code == "request-canceled-and-instance-running")
 
 
 def _chunks(items: list[str], size: int = FILTER_CHUNK) -> Iterable[list[str]]:
@@ -115,6 +131,8 @@ class Ec2Gateway:
         self._client = client
         self._sleep = sleep
         self._vcpus: dict[str, int] = {}
+        self._our_requests: set[str] = set()  # see observe(): the only ids writes accept
+        self._our_instances: set[str] = set()
 
     @property
     def client(self) -> Any:
@@ -129,24 +147,43 @@ class Ec2Gateway:
     # -- reads -------------------------------------------------------------------------
 
     def observe(self) -> Observation:
-        """All spot requests and live instances carrying the cluster's tag key."""
-        tag_filter = {"Name": "tag-key", "Values": [self.config.tag_key]}
+        """All spot requests and live instances carrying the cluster's tag key.
+
+        Also the not-yet-tagged instances of requests that are ours (never those of a
+        foreign request), and it resets what later writes may touch to what is ours now.
+        """
+        tag_key = self.config.tag_key
+        tag_filter = {"Name": "tag-key", "Values": [tag_key]}
         requests = self._paged("describe_spot_instance_requests", "SpotInstanceRequests",
                                Filters=[tag_filter])
         instances = self._instances(Filters=[
             tag_filter, {"Name": "instance-state-name", "Values": WATCHED_INSTANCE_STATES}])
-        known = {i["InstanceId"] for i in instances}
-        untagged = sorted({r["InstanceId"] for r in requests if _may_have_live_instance(r)
-                           and r["InstanceId"] not in known})
+        ours = ownership(requests, [], tag_key).requests
+        known = {i.get("InstanceId") for i in instances if isinstance(i, Mapping)}
+        untagged = sorted({r["InstanceId"] for r in requests if isinstance(r, Mapping)
+                           and r.get("SpotInstanceRequestId") in ours
+                           and _may_have_live_instance(r) and r["InstanceId"] not in known})
         for chunk in _chunks(untagged):
             instances += self._instances(Filters=[
                 {"Name": "instance-id", "Values": chunk},
                 {"Name": "instance-state-name", "Values": WATCHED_INSTANCE_STATES}])
+        judged = ownership(requests, instances, tag_key)
+        self._our_requests = set(judged.requests)
+        self._our_instances = set(judged.instances)
         return Observation(requests, instances)
 
     def _instances(self, **kwargs: Any) -> list[dict]:
         reservations = self._paged("describe_instances", "Reservations", **kwargs)
-        return [i for r in reservations for i in r["Instances"]]
+        return [i for r in reservations if isinstance(r, Mapping)
+                for i in r.get("Instances") or ()]
+
+    def _require_ours(self, verb: str, ids: Iterable[str], ours: set[str]) -> list[str]:
+        """The ids, if every one is ours (see observe); else NotOurs and no call at all."""
+        ids = list(ids)
+        strangers = sorted(set(ids) - ours)
+        if strangers:
+            raise NotOurs(verb, strangers, self.config.tag_key)
+        return ids
 
     def _paged(self, operation: str, key: str, **kwargs: Any) -> list[dict]:
         items: list[dict] = []
@@ -184,8 +221,12 @@ class Ec2Gateway:
         """Create `count` instances of one group in one call; returns request or instance ids."""
         tags = [{"Key": self.config.tag_key, "Value": role}, {"Key": TAG_GROUP, "Value": group}]
         if market == "spot":
-            return self._request_spot(instance_type, count, bid, token, tags)
-        return self._run_on_demand(instance_type, count, token, tags)
+            ids = self._request_spot(instance_type, count, bid, token, tags)
+            self._our_requests.update(ids)
+        else:
+            ids = self._run_on_demand(instance_type, count, token, tags)
+            self._our_instances.update(ids)
+        return ids
 
     def _launch_spec(self, instance_type: str) -> dict[str, Any]:
         config = self.config
@@ -237,23 +278,26 @@ class Ec2Gateway:
     def tag(self, instance_ids: list[str], tags: Mapping[str, str]) -> None:
         """Tag many instances in one call per 1000; retried while new ids are not visible."""
         tag_list = [{"Key": k, "Value": v} for k, v in tags.items()]
-        for chunk in _chunks(list(instance_ids), 1000):
+        ids = self._require_ours("tag", instance_ids, self._our_instances)
+        for chunk in _chunks(ids, 1000):
             self._retry_not_found(lambda c=chunk: self.client.create_tags(
                 Resources=c, Tags=tag_list))
 
     def untag(self, instance_ids: list[str], keys: list[str]) -> None:
         """Remove tags (whatever their value) from many instances in one call per 1000."""
-        for chunk in _chunks(list(instance_ids), 1000):
+        ids = self._require_ours("untag", instance_ids, self._our_instances)
+        for chunk in _chunks(ids, 1000):
             self._retry_not_found(lambda c=chunk: self.client.delete_tags(
                 Resources=c, Tags=[{"Key": k} for k in keys]))
 
     def cancel(self, request_ids: list[str]) -> None:
-        for chunk in _chunks(list(request_ids)):
+        for chunk in _chunks(self._require_ours("cancel", request_ids, self._our_requests)):
             self._retry_not_found(lambda c=chunk: self.client.cancel_spot_instance_requests(
                 SpotInstanceRequestIds=c))
 
     def terminate(self, instance_ids: list[str]) -> None:
-        for chunk in _chunks(list(instance_ids), 1000):
+        ids = self._require_ours("terminate", instance_ids, self._our_instances)
+        for chunk in _chunks(ids, 1000):
             self._retry_not_found(lambda c=chunk: self.client.terminate_instances(
                 InstanceIds=c))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from .cluster import (
     TAG_BOOTSTRAP,
@@ -225,6 +225,8 @@ def unresponsive(config: Config, node: Node, now: datetime) -> bool:
         first = datetime.fromisoformat(since)
     except ValueError:
         return False
+    if first.tzinfo is None:  # a hand-edited tag without offset: UTC, never a crash
+        first = first.replace(tzinfo=timezone.utc)
     return now - first >= timedelta(minutes=config["UNRESPONSIVE_MINUTES"])
 
 
@@ -270,7 +272,11 @@ def _group_bid(config: Config, launch: Launch) -> float:
 
 
 def plan_down(cluster: Cluster) -> Plan:
-    """Teardown: cancel every request first (a persistent one would relaunch), then terminate."""
+    """Teardown: cancel every request first (a persistent one would relaunch), then terminate.
+
+    Built from `cluster.nodes` only, so it names nothing in `cluster.foreign`: `down` never
+    cancels or terminates what is not ours.
+    """
     requests = tuple(n.request_id for n in cluster.nodes
                      if n.request_id and n.request_state in ("open", "active"))
     instances = tuple(n.instance_id for n in cluster.nodes if n.has_instance)

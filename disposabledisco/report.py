@@ -6,7 +6,7 @@ import shlex
 from datetime import datetime
 from typing import Any
 
-from .cluster import Cluster, Node, ssh_address
+from .cluster import Cluster, Foreign, Node, ssh_address
 from .config import Config
 from .plan import Action
 from .reconcile import EXIT_CONVERGED, EXIT_FAILED, PassReport
@@ -61,7 +61,27 @@ def pass_json(report: PassReport) -> dict[str, Any]:
                      "ok": r.ok, "skipped": r.skipped, "detail": r.detail,
                      "node_errors": r.node_errors} for r in report.results],
         "nodes": [node_json(n) for n in report.cluster.nodes],
+        "foreign": [foreign_json(f) for f in report.cluster.foreign],
     }
+
+
+def foreign_json(item: Foreign) -> dict[str, Any]:
+    return {"id": item.resource_id, "kind": item.kind, "tag_value": item.value,
+            "reason": item.reason}
+
+
+FOREIGN_SHOWN = 5
+
+
+def foreign_warning(config: Config, cluster: Cluster) -> str | None:
+    """One line about what carries TAG_KEY but is not ours (left alone), or None."""
+    found = cluster.foreign
+    if not found:
+        return None
+    shown = "; ".join(f"{f.kind} {f.resource_id} ({f.reason})" for f in found[:FOREIGN_SHOWN])
+    more = f"; … {len(found) - FOREIGN_SHOWN} more" if len(found) > FOREIGN_SHOWN else ""
+    return (f"warning: {len(found)} resource(s) under TAG_KEY {config.tag_key!r} are not "
+            f"this cluster's and are left alone: {shown}{more}")
 
 
 def node_json(node: Node) -> dict[str, Any]:
@@ -82,7 +102,11 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def status_table(config: Config, cluster: Cluster) -> str:
-    """One row per node: role, instance, type, state/reason, address, price, ready."""
+    """One row per node: role, instance, type, state/reason, address, price, ready.
+
+    Then one row per foreign resource, role "not ours", its kind and why: shown so the
+    user sees what shares the tag key, never counted.
+    """
     header = ("ROLE", "INSTANCE", "TYPE", "STATE", "ADDRESS", "PRICE", "READY")
     rows = [header]
     for node in sorted(cluster.nodes, key=lambda n: (n.role != "master", not n.is_live,
@@ -92,6 +116,8 @@ def status_table(config: Config, cluster: Cluster) -> str:
                      node.instance_type, f"{node.state} ({node.reason})",
                      ssh_address(node, config["SSH_ADDRESS"]) or "-", price,
                      "yes" if node.state == "ready" else "no"))
+    for item in sorted(cluster.foreign, key=lambda f: (f.kind, f.resource_id)):
+        rows.append(("not ours", item.resource_id, item.kind, item.reason, "-", "-", "-"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     text = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)
