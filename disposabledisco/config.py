@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shlex
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,15 @@ _MANAGED_DISCO_SETTINGS = {
 #: TAG_KEY's default before it became required: still accepted (running clusters carry it),
 #: with a warning, since any config that left TAG_KEY out shared it.
 _OLD_DEFAULT_TAG_KEY = "disposabledisco"
+
+#: A config is a few KiB; anything much larger is the wrong file (or /dev/zero).
+MAX_CONFIG_BYTES = 1024 * 1024
+#: No key nests more than 3 levels; this only stops runaway input long before Python's
+#: recursion limit (which JSON decoding and schema validation would otherwise hit).
+MAX_DEPTH = 100
+#: Python refuses to convert longer integer literals (sys.get_int_max_str_digits).
+_MAX_INT_DIGITS = 4300
+_MAX_INT_BITS = 14_000  # about 4200 decimal digits: still printable in a message
 
 _PRICE_KEYS = ("MAX_BID", "MAX_HOURLY_COST")
 _MGMT_KEY_FILES = ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub")
@@ -388,6 +398,9 @@ def _show(value: Any) -> str:
         text = json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError):
         text = repr(value)
+    # Keep the line one printable line: escape line/paragraph separators and the like.
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
     if len(text) > _SHOW_LIMIT:
         text = text[: _SHOW_LIMIT - 1] + "…"
     return text
@@ -769,8 +782,63 @@ def _redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+def _unreadable(data: Any) -> Iterator[_Problem]:
+    """Values no later step may see: nesting too deep to walk, integers too long to print,
+    strings that are not text (a lone surrogate cannot be encoded, so a node script built
+    from it would crash). Walked without recursion, whatever the depth."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
+    while stack:
+        parts, value = stack.pop()
+        if len(parts) > MAX_DEPTH:
+            yield (parts[:1], f"{_path_str(parts[:1])} nests lists or objects more than "
+                              f"{MAX_DEPTH} levels deep; no key needs more than 3.")
+            continue
+        if isinstance(value, _HugeInteger) or (isinstance(value, int)
+                                                and value.bit_length() > _MAX_INT_BITS):
+            digits = value.digits if isinstance(value, _HugeInteger) else "thousands of"
+            yield (parts, f"{_path_str(parts)} is a whole number of {digits} digits, far beyond "
+                          f"any key's range; use {_expect_at(parts)}.")
+        elif isinstance(value, str) and not _is_text(value):
+            yield (parts, f"{_path_str(parts)} contains a lone surrogate (half of a \\u "
+                          "escape pair), which is not a character; write the character itself.")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and not _is_text(key):
+                    yield (parts, f"{_path_str(parts)} has a key with a lone surrogate (half of "
+                                  "a \\u escape pair), which is not a character; fix the key.")
+                stack.append(((*parts, key), item))
+        elif isinstance(value, list):
+            stack.extend(((*parts, i), item) for i, item in enumerate(value))
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _expect_at(parts: tuple[Any, ...]) -> str:
+    """What the schema accepts at a top-level key, for messages about values under it."""
+    prop = _schema()["properties"].get(parts[0]) if len(parts) == 1 else None
+    return _expect(prop) if prop else "a value docs/config-reference.md allows"
+
+
+def _config_error(problems: list[_Problem], where: str, secrets: list[str]) -> ConfigError:
+    """One sentence per field (the first found is enough to fix it), sorted by path."""
+    first: dict[tuple[Any, ...], str] = {}
+    for parts, msg in problems:
+        first.setdefault(parts, msg)
+    ordered = sorted(first.items(), key=lambda p: _sort_key(p[0]))
+    return ConfigError([_redact(where + msg, secrets) for _, msg in ordered])
+
+
 def _build(data: Any, path: Path | None, early: list[_Problem]) -> Config:
     where = f"{path}: " if path is not None else ""
+    broken = list(_unreadable(data))
+    if broken:  # before anything else looks at the data
+        raise _config_error(broken, where, [])
     if not isinstance(data, dict):
         raise ConfigError([f"{where}the config must be a JSON object like {{\"AMI\": ..., "
                            f"\"KEY_NAME\": ...}} at the top level, not {_json_kind(data)}."])
@@ -781,11 +849,7 @@ def _build(data: Any, path: Path | None, early: list[_Problem]) -> Config:
     problems += _semantic_problems(data)  # after the schema's, which win on the same path
     secrets = [data[k] for k in SECRET_KEYS if isinstance(data.get(k), str)]
     if problems:
-        first: dict[tuple[Any, ...], str] = {}
-        for parts, msg in problems:
-            first.setdefault(parts, msg)  # one sentence per field is enough to fix it
-        ordered = sorted(first.items(), key=lambda p: _sort_key(p[0]))
-        raise ConfigError([_redact(where + msg, secrets) for _, msg in ordered])
+        raise _config_error(problems, where, secrets)
     values = _normalize(data)
     warnings = _warnings(values, data)
     if path is not None:
@@ -804,21 +868,66 @@ def parse_config(data: Any, path: str | os.PathLike[str] | None = None) -> Confi
     return _build(data, Path(path) if path is not None else None, [])
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file; any failure is a ConfigError, never a traceback."""
-    p = Path(path)
+def _read_config_text(p: Path) -> str:
+    """The file's text, read only from a regular file and at most MAX_CONFIG_BYTES, so a
+    FIFO, a device like /dev/zero or a runaway file can neither hang nor exhaust memory."""
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError([f"config file {p} does not exist; create one with "
                            f"`disposabledisco init > {p}`."]) from None
-    except IsADirectoryError:
-        raise ConfigError([f"config file {p} is a folder, not a file."]) from None
+    except OSError as e:
+        raise ConfigError([f"cannot read config file {p}: {e.strerror or e}."]) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError([f"config file {p} is a folder, not a file."])
+        if not stat.S_ISREG(mode):
+            raise ConfigError([f"config file {p} is {_file_kind(mode)}, not a regular file; "
+                               "give the path of a JSON file."])
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise ConfigError([f"cannot read config file {p}: {e.strerror or e}."]) from None
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError([f"config file {p} is larger than {MAX_CONFIG_BYTES // 1024} KiB, "
+                           "far more than any config needs; give the right file."])
+    try:
+        return b"".join(chunks).decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError([f"config file {p} is not UTF-8 text (bad byte at offset "
                            f"{e.start}); save it as UTF-8."]) from None
-    except OSError as e:
-        raise ConfigError([f"cannot read config file {p}: {e.strerror or e}."]) from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+class _HugeInteger:
+    """An integer literal too long for Python to convert: kept as text to be reported."""
+
+    def __init__(self, digits: str) -> None:
+        self.digits = len(digits.lstrip("-"))
+
+
+def _parse_int(text: str) -> int | _HugeInteger:
+    return _HugeInteger(text) if len(text) > _MAX_INT_DIGITS else int(text)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; any failure is a ConfigError, never a traceback."""
+    p = Path(path)
+    text = _read_config_text(p)
     if not text.strip():
         raise ConfigError([f"config file {p} is empty; create one with "
                            f"`disposabledisco init > {p}`."])
@@ -834,12 +943,15 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         return obj
 
     try:
-        data = json.loads(text, object_pairs_hook=pairs)
+        data = json.loads(text, object_pairs_hook=pairs, parse_int=_parse_int)
     except json.JSONDecodeError as e:
         raise ConfigError([f"{p} is not valid JSON: {e.msg} at line {e.lineno}, column "
                            f"{e.colno}."]) from None
+    except RecursionError:
+        raise ConfigError([f"{p}: the config nests lists or objects more than "
+                           f"{MAX_DEPTH} levels deep; no key needs more than 3."]) from None
     early: list[_Problem] = [
-        ((key,), f"{json.dumps(key)} appears more than once in one JSON object, and only the "
+        ((key,), f"{_show(key)} appears more than once in one JSON object, and only the "
                  "last one counts; keep just one.")
         for key in duplicates
     ]

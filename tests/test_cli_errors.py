@@ -6,6 +6,10 @@ EC2 refusals (unknown AMI or key pair) become one line with the AWS code, exit 1
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from moto import settings as moto_settings
@@ -138,3 +142,53 @@ def test_missing_local_tarball_is_a_config_error_before_any_ec2_call(tmp_path, c
     err = capsys.readouterr().err
     assert "DISCO_TARBALL" in err and "disco.tar.gz" in err
     assert calls == []
+
+
+def _fifo(path):
+    os.mkfifo(path)
+
+
+HOSTILE_FILES = [
+    ("fifo", _fifo, ["FIFO", "not a regular file"]),
+    ("folder", lambda p: p.mkdir(), ["is a folder"]),
+    ("oversized", lambda p: p.write_text(json.dumps({**GOOD, "POST_INIT": "#" * (1 << 20)})),
+     ["larger than 1024 KiB"]),
+    ("huge integer", lambda p: p.write_text(json.dumps(GOOD)[:-1] + ', "SSH_PORT": '
+                                            + "7" * 4301 + "}"),
+     ["SSH_PORT is a whole number of 4301 digits"]),
+    ("deep nesting", lambda p: p.write_text(json.dumps(GOOD)[:-1] + ', "SLAVE_GROUPS": '
+                                            + "[" * 500 + "]" * 500 + "}"),
+     ["SLAVE_GROUPS nests lists or objects more than 100 levels"]),
+    ("deeper nesting", lambda p: p.write_text("[" * 100_000 + "]" * 100_000),
+     ["more than 100 levels"]),
+    ("surrogate", lambda p: p.write_text(json.dumps(GOOD)[:-1] + ', "POST_INIT": "\\ud800"}'),
+     ["POST_INIT contains a lone surrogate"]),
+]
+
+
+@pytest.mark.parametrize(("make", "words"), [c[1:] for c in HOSTILE_FILES],
+                         ids=[c[0] for c in HOSTILE_FILES])
+@pytest.mark.parametrize("command", [["validate"], ["up"], ["up", "--dry-run"]])
+def test_hostile_config_files_exit_2_in_one_line_with_no_ec2_call(tmp_path, capsys, calls, make,
+                                                                  words, command):
+    path = tmp_path / "config.json"
+    make(path)
+    assert main([command[0], str(path), *command[1:]]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert all(w in line for w in words), line
+    assert calls == []
+
+
+@pytest.mark.parametrize("target", ["fifo", "/dev/zero"])
+def test_fifo_and_dev_zero_do_not_hang_the_real_cli(tmp_path, target):
+    path = tmp_path / "config.json"
+    if target == "fifo":
+        os.mkfifo(path)
+    else:
+        path = Path(target)
+    result = subprocess.run([sys.executable, "-m", "disposabledisco", "validate", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "not a regular file" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr

@@ -634,3 +634,89 @@ def test_create_config_is_executable():
     path = REPO / "create_config.py"
     assert path.read_text().startswith("#!/usr/bin/env python3\n")
     assert os.stat(path).st_mode & stat.S_IXUSR
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    (problem,) = load_problems(fifo)
+    assert str(fifo) in problem and "FIFO" in problem and "not a regular file" in problem
+
+
+def test_a_device_is_refused_without_reading_it():
+    (problem,) = load_problems("/dev/zero")
+    assert "/dev/zero is a character device, not a regular file" in problem
+
+
+def test_a_file_over_the_size_cap_is_refused(tmp_path):
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps({**BASE, "POST_INIT": "#" * cfgmod.MAX_CONFIG_BYTES}))
+    (problem,) = load_problems(path)
+    assert "larger than 1024 KiB" in problem and str(path) in problem
+    path.write_text(json.dumps({**BASE, "POST_INIT": "#" * (cfgmod.MAX_CONFIG_BYTES - 200)}))
+    load_config(path)  # just under the cap is read
+
+
+def test_an_integer_too_long_for_python_names_its_field(tmp_path):
+    path = write(tmp_path, '{"AMI": "ami-12345678", "KEY_NAME": "k", "TAG_KEY": "t", '
+                           '"NUM_SLAVES": ' + "9" * 5000 + "}")
+    (problem,) = load_problems(path)
+    assert problem.startswith(f"{path}: NUM_SLAVES is a whole number of 5000 digits")
+    assert "from 0 to 1000" in problem and len(problem) < 300
+    groups = json.dumps({**BASE, "SLAVE_GROUPS": [{"INSTANCE_TYPE": "m5.large", "COUNT": 1}]})
+    nested = write(tmp_path, groups.replace('"COUNT": 1', '"COUNT": -' + "1" * 4400))
+    (problem,) = load_problems(nested)
+    assert "SLAVE_GROUPS[0].COUNT is a whole number of 4400 digits" in problem
+
+
+def test_a_huge_python_integer_is_refused_too():
+    (problem,) = problems_of(with_(SSH_PORT=10 ** 5000))
+    assert problem.startswith("SSH_PORT is a whole number of thousands of digits")
+
+
+@pytest.mark.parametrize("depth", [150, 5000, 200_000])
+def test_deep_nesting_names_the_key(tmp_path, depth):
+    path = write(tmp_path, '{"AMI": "ami-12345678", "KEY_NAME": "k", "TAG_KEY": "t", '
+                           '"DISCO_SETTINGS": ' + "[" * depth + "]" * depth + "}")
+    (problem,) = load_problems(path)
+    assert "more than 100 levels deep" in problem
+    if depth < 900:  # Python's own decoder gives up near its recursion limit: no key then
+        assert problem.startswith(f"{path}: DISCO_SETTINGS nests")
+
+
+def test_deep_nesting_from_python_data_is_refused_without_recursion():
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    (problem,) = problems_of(with_(SLAVE_GROUPS=deep))
+    assert problem.startswith("SLAVE_GROUPS nests lists or objects more than 100 levels")
+
+
+@pytest.mark.parametrize("text,field", [
+    ('"POST_INIT": "\\ud800"', "POST_INIT"),
+    ('"POST_INIT": "ok \\udfff then"', "POST_INIT"),
+    ('"ADDITIONAL_PACKAGES": ["git", "\\udc80"]', "ADDITIONAL_PACKAGES[1]"),
+    ('"DISCO_SETTINGS": {"DISCO_X": "\\ud83d"}', "DISCO_SETTINGS.DISCO_X"),
+    ('"DISCO_SETTINGS": {"\\ud83dX": 1}', "DISCO_SETTINGS has a key"),
+    ('"AWS_SECRET": "\\ud800secret"', "AWS_SECRET"),
+])
+def test_lone_surrogates_are_refused_by_validate(tmp_path, text, field):
+    path = write(tmp_path, '{"AMI": "ami-12345678", "KEY_NAME": "k", "TAG_KEY": "t", '
+                           + text + "}")
+    (problem,) = load_problems(path)
+    assert problem.startswith(f"{path}: {field}") and "lone surrogate" in problem
+    problem.encode("utf-8")  # the message itself is printable text
+    assert "secret" not in problem
+
+
+def test_a_real_astral_character_is_still_text(tmp_path):
+    path = write(tmp_path, json.dumps({**BASE, "POST_INIT": "echo \U0001F600"}))
+    assert load_config(path)["POST_INIT"] == "echo \U0001F600"
+
+
+def test_odd_unicode_in_a_message_stays_on_one_printable_line():
+    (problem,) = problems_of(with_(AMI="ami-\u2028\u0085\x7f\u200b"))
+    assert problem.isprintable() and len(problem.splitlines()) == 1
