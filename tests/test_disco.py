@@ -13,7 +13,7 @@ from disposabledisco.config import parse_config
 from disposabledisco.doctor import Check, DoctorReport
 from tests.disco_double import DiscoDouble, TableRejected, validate_table
 
-BASE = {"AMI": "ami-0123456789abcdef0", "KEY_NAME": "k"}
+BASE = {"AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "TAG_KEY": "disco-test"}
 MULTIPLIERS = {"master": 1, "c5.large": 2}
 
 
@@ -37,6 +37,16 @@ def config(**values: object):
 ])
 def test_short_name_is_ec2_style(ip: str, name: str) -> None:
     assert disco.short_name(node(ip)) == name
+
+
+def test_short_name_comes_from_the_private_ip_even_with_a_public_one() -> None:
+    """Members reach each other on the private network; a public IP changes on restart."""
+    node_with_public = Node(role="slave", group="g", instance_type="t", instance_id="i-1",
+                            private_ip="10.0.0.4", public_ip="54.1.2.3",
+                            private_dns="ip-10-0-0-4.ec2.internal",
+                            public_dns="ec2-54-1-2-3.compute-1.amazonaws.com")
+    assert disco.short_name(node_with_public) == "ip-10-0-0-4"
+    assert disco.hosts_block([node_with_public]).splitlines()[1] == "10.0.0.4 ip-10-0-0-4"
 
 
 @pytest.mark.parametrize("ip", [None, "", "fe80::1", "10.0.0"])

@@ -407,3 +407,100 @@ def test_master_that_never_answers_is_replaced_and_slaves_kept():
     assert only(p, Terminate).instance_ids == (master.instance_id,)
     assert launches(p) == [("master", "master", 1, "spot")]
     assert not any(isinstance(a, (Join, ApplyMembership)) for a in p.actions)
+
+
+def test_on_demand_fallback_is_capped_at_the_missing_count():
+    cfg = config(NUM_SLAVES=2, SPOT_FALLBACK="on-demand")
+    stale = [node(state="gone", request_state="open", instance=False, minutes_old=30)
+             for _ in range(3)]
+    p = plan(cfg, converged(cfg, [node(), *stale]), NOW)
+    assert launches(p) == [("slave", "m5.large", 1, "on-demand")]
+    assert set(only(p, CancelRequests).request_ids) == {s.request_id for s in stale}
+    assert only(p, Launch).bid is None and "falling back to on-demand" in only(p, Launch).reason
+
+
+def test_no_fallback_without_stale_bids_or_when_the_setting_is_off():
+    fresh_gone = node(state="gone", request_state="closed", instance_state="terminated")
+    cfg = config(NUM_SLAVES=1, SPOT_FALLBACK="on-demand")
+    assert launches(plan(cfg, converged(cfg, [fresh_gone]), NOW)) == [
+        ("slave", "m5.large", 1, "spot")]
+    stale = node(state="gone", request_state="open", instance=False, minutes_old=30)
+    cfg = config(NUM_SLAVES=1)
+    assert launches(plan(cfg, converged(cfg, [stale]), NOW)) == [
+        ("slave", "m5.large", 1, "spot")]
+
+
+def test_budget_counts_launches_already_kept_in_the_same_pass():
+    cfg = config(NUM_SLAVES=3, MAX_HOURLY_COST="0.30")
+    p = plan(cfg, Cluster(()), NOW)
+    assert launches(p) == [("master", "master", 1, "spot"), ("slave", "m5.large", 2, "spot")]
+    assert "allows 2 of the 3" in p.problems[0]
+    assert "live nodes cost 0.1 USD/h" in p.problems[0]
+
+
+def test_budget_across_two_slave_groups_charges_the_first_to_the_second():
+    groups = [{"INSTANCE_TYPE": "m5.large", "COUNT": 2},
+              {"INSTANCE_TYPE": "c5.xlarge", "COUNT": 2, "MAX_BID": "0.2"}]
+    cfg = config(NUM_SLAVES=None, SLAVE_GROUPS=groups, MAX_HOURLY_COST="0.50")
+    p = plan(cfg, Cluster(()), NOW)
+    # master 0.1 + 2 × 0.1 = 0.3 spent: 0.2 left, one c5.xlarge at 0.2
+    assert launches(p)[1:] == [("slave", "m5.large", 2, "spot"), ("slave", "c5.xlarge", 1, "spot")]
+    assert len(p.problems) == 1 and "c5.xlarge" in p.problems[0]
+    kept = [a for a in p.actions if isinstance(a, Launch)][2]
+    assert kept.key == launch_key("dd", cfg.slave_groups[1], 1, "spot", Cluster(()))
+
+
+def test_budget_that_allows_nothing_more_launches_nothing():
+    cfg = config(NUM_SLAVES=3, MAX_HOURLY_COST="0.30")
+    p = plan(cfg, converged(cfg, [node(), node()]), NOW)
+    assert launches(p) == []
+    assert "allows 0 of the 1" in p.problems[0]
+
+
+def test_budget_of_an_on_demand_master_uses_no_bid():
+    cfg = config(NUM_SLAVES=1, MASTER_MARKET="on-demand", MAX_HOURLY_COST="0.10")
+    p = plan(cfg, Cluster(()), NOW)
+    # the on-demand master has no MAX_BID to count: the one slave still fits
+    assert launches(p) == [("master", "master", 1, "on-demand"), ("slave", "m5.large", 1, "spot")]
+    assert p.problems == ()
+
+
+def test_budget_leaves_out_nodes_being_removed():
+    cfg = config(NUM_SLAVES=1, MAX_HOURLY_COST="0.20")
+    stuck = node(state="running", tags={"dd": "slave", TAG_GROUP: "m5.large",
+                                        TAG_FAILURES: "3"})
+    p = plan(cfg, converged(cfg, [stuck]), NOW)
+    assert launches(p) == [("slave", "m5.large", 1, "spot")]  # 0.1 master + 0.1 new
+    assert p.problems == ()
+
+
+def test_bad_parameters_for_another_master_type_do_not_block_the_new_type():
+    cfg = config(NUM_SLAVES=0, MASTER_INSTANCE_TYPE="c5.large")
+    failed = node("master", state="gone", request_state="failed", status_code="bad-parameters",
+                  instance=False, instance_type="m5.large")
+    p = plan(cfg, Cluster((failed,)), NOW)
+    assert launches(p) == [("master", "master", 1, "spot")]
+    assert only(p, Launch).instance_type == "c5.large"
+    assert p.problems == ()
+    same = replace(failed, instance_type="c5.large")
+    p = plan(cfg, Cluster((same,)), NOW)
+    assert launches(p) == [] and "c5.large as bad-parameters" in p.problems[0]
+
+
+def test_bad_parameters_in_one_slave_group_do_not_block_another():
+    groups = [{"INSTANCE_TYPE": "m5.large", "COUNT": 1}, {"INSTANCE_TYPE": "c5.xlarge", "COUNT": 1}]
+    cfg = config(NUM_SLAVES=None, SLAVE_GROUPS=groups)
+    failed = node(state="gone", request_state="closed", status_code="bad-parameters",
+                  instance=False, group="c5.xlarge", instance_type="c5.xlarge")
+    p = plan(cfg, converged(cfg, [failed]), NOW)
+    assert launches(p) == [("slave", "m5.large", 1, "spot")]
+    assert len(p.problems) == 1 and failed.request_id in p.problems[0]
+    assert p.problems[0].startswith("EC2 rejected the slave bid")
+
+
+def test_a_failed_request_blocks_even_without_the_bad_parameters_code():
+    cfg = config(NUM_SLAVES=1)
+    failed = node(state="gone", request_state="failed", status_code="system-error",
+                  instance=False)
+    p = plan(cfg, converged(cfg, [failed]), NOW)
+    assert launches(p) == [] and len(p.problems) == 1
