@@ -265,7 +265,7 @@ class _Doctor:
         path = f"{self.config['DISCO_ROOT']}/disco_{self.config['DISCO_PORT']}.config"
         try:
             want = self.desired_table(probes, vcpus)
-            have = json.loads(session.read_file(path, sudo=True))
+            have = json.loads(session.read_file(path, as_user=self.config["DISCO_USER"]))
         except (SshError, ValueError, KeyError) as error:
             self.add(self.master, "host table", False, f"{path}: {error}", RERUN)
             return

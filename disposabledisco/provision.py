@@ -1,10 +1,11 @@
 """The node phase of a pass: bootstrap nodes, join slaves to the master, apply membership.
 
 Every step is idempotent on the node side (the scripts check before they act), so the
-reconciler can call any of them again after a crash. Cluster secrets (cookie, cluster key)
-are made on the master and copied master → slave through this process's memory only:
-they travel on SSH stdin, are registered with the gateway for redaction, and are never
-put on a command line, in a tag or in a log.
+reconciler can call any of them again after a crash. Cluster secrets are made on the
+master; the cookie and the cluster key's public half (never its private half, which stays
+on the master) are copied master → slave through this process's memory only: they travel
+on SSH stdin, are registered with the gateway for redaction, and are never put on a
+command line, in a tag or in a log.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import bootstrap, disco
 from .cluster import Node, ssh_address
 from .hostkeys import HostKeyStore, HostKeyVerifier, known_hosts_line
-from .ssh import Outcome, Session, SshError, SshGateway, Target, settings_from_config
+from .ssh import (
+    Outcome,
+    Session,
+    SshError,
+    SshGateway,
+    Target,
+    fault_of,
+    settings_from_config,
+)
 
 if TYPE_CHECKING:
     from .config import Config
@@ -99,13 +108,13 @@ class Provisioner:
         return {s.instance_id: outcomes[s.instance_id] for s in slaves}
 
     def _read_cluster_secrets(self, session: Session) -> bytes:
-        """Cookie, public and private key as three base64 lines, held in memory only."""
+        """Cookie and the cluster's public key as two base64 lines, held in memory only."""
         result = session.script(bootstrap.snippet(self.config, "join_read"), sudo=True,
                                 secret=True)
         lines = result.stdout.split()
-        if len(lines) != 3:
+        if len(lines) != 2:
             raise ValueError("could not read the cluster key and cookie from the master")
-        self.ssh.redact(*lines, *(base64.b64decode(line).decode() for line in lines[::2]))
+        self.ssh.redact(lines[0], base64.b64decode(lines[0]).decode())
         return ("\n".join(lines) + "\n").encode()
 
     def _trust_slaves(self, session: Session, slaves: Sequence[Node],
@@ -149,19 +158,20 @@ class Provisioner:
             table = self.host_table(master, everyone)
         except (KeyError, ValueError) as error:
             return _failed(f"host table: {error}")
-        errors = []
+        errors: list[tuple[str, str]] = []
         if self.config["MANAGE_HOSTS_FILE"]:
             results = self._parallel(everyone, lambda s: _write_hosts(s, everyone))
-            errors += [o.error for o in results.values() if not o.ok]
+            errors += [(o.error, o.fault) for o in results.values() if not o.ok]
         try:
             with self.ssh.connect(self._target(master)) as session:
                 self._apply_table(session, master, table)
         except SshError as error:
-            errors.append(str(error))
+            errors.append((str(error), fault_of(error)))
         seconds = time.monotonic() - started
         if errors:
-            return Outcome(ok=False, error="; ".join(errors), seconds=seconds,
-                           log_tail=tuple(self.ssh.tail(master.instance_id)))
+            return Outcome(ok=False, error="; ".join(e for e, _ in errors), seconds=seconds,
+                           log_tail=tuple(self.ssh.tail(master.instance_id)),
+                           fault=_blame(fault for _, fault in errors))
         return Outcome(ok=True, value=table, seconds=seconds)
 
     remove_from_table = apply_membership  # scale-down: the same, with the reduced set
@@ -174,8 +184,9 @@ class Provisioner:
 
     def _apply_table(self, session: Session, master: Node, table: list[list[str]]) -> None:
         root, port, user = (self.config[k] for k in ("DISCO_ROOT", "DISCO_PORT", "DISCO_USER"))
+        # DISCO_ROOT is the Disco user's: written as that user, never through its links
         session.write_file(f"{root}/disco_{port}.config", disco.host_table_json(table),
-                           0o644, owner=user, sudo=True)
+                           0o644, owner=user, as_owner=True)
         if self.config["DISCO_INSTALL"] == "none":
             return
         url = f"http://{master.private_ip}:{port}/disco/ctrl/save_config_table"
@@ -243,6 +254,13 @@ def _unique(nodes: Iterable[Node]) -> list[Node]:
     for node in nodes:
         seen.setdefault(node.instance_id or "", node)
     return list(seen.values())
+
+
+def _blame(faults: Iterable[str]) -> str:
+    """One fault for a step that failed on several nodes: anything that is not the node's
+    (a host key, the config) wins, so a step never burns a node for someone else's fault."""
+    found = set(faults)
+    return next((f for f in ("hostkey", "config") if f in found), "node")
 
 
 def _failed(error: str) -> Outcome[Any]:

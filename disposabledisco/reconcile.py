@@ -8,6 +8,7 @@ instance tags, which is how the next pass knows a node is done without opening S
 from __future__ import annotations
 
 import hashlib
+import shlex
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -45,7 +46,7 @@ from .plan import (
     plan,
     plan_down,
 )
-from .ssh import SshError
+from .ssh import SshError, fault_of
 from .tokens import TokenBook
 
 EXIT_CONVERGED = 0
@@ -59,6 +60,8 @@ class NodeOutcome(Protocol):
     ok: bool
     error: str | None
     log_tail: str | None
+    #: "node", "config" or "hostkey" (ssh.FAULTS); only "node" counts toward replacement
+    fault: str
 
 
 class NodeWorker(Protocol):
@@ -223,7 +226,7 @@ class _Applier:
             if ids:
                 self.ec2.tag(ids, {TAG_BOOTSTRAP: self.digests[role]})
         self.bootstrapped.update(done)
-        return _node_result(action, outcomes)
+        return self._node_result(action, outcomes)
 
     def _Join(self, action: Join) -> ActionResult:
         if (skip := self._no_ssh(action)) is not None:
@@ -236,15 +239,18 @@ class _Applier:
         try:
             outcomes = self.nodes.join(self.by_id[action.master_id], slaves)
         except (SshError, ValueError) as error:  # the master failed, not the slaves
-            self._record_failures({action.master_id: _Failed(str(error))})
-            return ActionResult(action, False, f"master {action.master_id}: {error}")
+            failed = _Failed(str(error), fault=fault_of(error))
+            self._record_failures({action.master_id: failed})
+            return ActionResult(action, False, f"master {action.master_id}: {error}",
+                                node_errors={action.master_id: self._explain(
+                                    action.master_id, failed)})
         self._record_failures(outcomes)
         done = [i for i, o in outcomes.items() if o.ok]
         for instance_id in done:  # each value names the slave's own pinned key
             value = self._join_tag(action.master_id, instance_id)
             self.ec2.tag([instance_id], {TAG_JOINED: value})
             self.joined[instance_id] = value
-        return _node_result(action, outcomes)
+        return self._node_result(action, outcomes)
 
     def _join_tag(self, master_id: str, slave_id: str) -> str:
         """The join tag with the pin as it is now (this pass may just have pinned it)."""
@@ -254,8 +260,12 @@ class _Applier:
     def _record_failures(self, outcomes: dict[str, NodeOutcome]) -> None:
         """Count failures in tags, so a node that never works is replaced after a while.
 
-        A node that works again loses those tags, so an old failure never counts against
-        it later.
+        Only the node's own faults count (``fault == "node"``): the failure counter and
+        the unreachable-since time are left as they are for a host-key refusal (possible
+        man in the middle: the node and its evidence stay until the operator acts) and
+        for the config's faults (a fresh node would fail the same, so replacing burns
+        nodes). Those fail the pass (exit 1) every time instead. A node that works again
+        loses both tags, so an old failure never counts against it later.
         """
         recovered = [i for i, o in outcomes.items() if o.ok and (
             {TAG_FAILURES, TAG_UNREACHABLE} & set(self.by_id[i].tags))]
@@ -267,7 +277,7 @@ class _Applier:
                     k: v for k, v in node.tags.items()
                     if k not in (TAG_FAILURES, TAG_UNREACHABLE)})
         for instance_id, outcome in outcomes.items():
-            if outcome.ok:
+            if outcome.ok or getattr(outcome, "fault", "node") != "node":
                 continue
             node = self.by_id[instance_id]
             try:
@@ -278,6 +288,28 @@ class _Applier:
             tags = {TAG_FAILURES: str(failures), TAG_UNREACHABLE: since}
             self.ec2.tag([instance_id], tags)
             self.by_id[instance_id] = replace(node, tags={**node.tags, **tags})
+
+    def _node_result(self, action: Action, outcomes: dict[str, Any]) -> ActionResult:
+        errors = {i: self._explain(i, o) for i, o in outcomes.items() if not o.ok}
+        done = len(outcomes) - len(errors)
+        return ActionResult(action, not errors, f"{done} of {len(outcomes)} done",
+                            node_errors=errors)
+
+    def _explain(self, instance_id: str, outcome: Any) -> str:
+        """The failure for the report: what the operator must do when it is not the
+        node's fault (nothing is replaced for it), then the node log's last lines."""
+        fault = getattr(outcome, "fault", "node")
+        if fault == "hostkey":
+            pin = HostKeyStore(self.config.state_dir).path(instance_id)
+            first = (f"{outcome.error or 'host key refused'} — {instance_id} is kept and "
+                     f"never replaced for this; if it was really rebuilt, forget its pinned "
+                     f"host key: rm {shlex.quote(str(pin))}")
+        elif fault == "config":
+            first = (f"{outcome.error or 'failed'} — the config's fault: fix the config; "
+                     f"{instance_id} is not counted as failing for it")
+        else:
+            first = outcome.error or "failed"
+        return "\n".join([first, *(getattr(outcome, "log_tail", None) or ())])
 
     def _ApplyMembership(self, action: ApplyMembership) -> ActionResult:
         if (skip := self._no_ssh(action)) is not None:
@@ -295,7 +327,8 @@ class _Applier:
         self._record_failures({action.master_id: outcome})
         if not outcome.ok:
             return ActionResult(action, False, outcome.error or "failed",
-                                node_errors={action.master_id: _tail(outcome)})
+                                node_errors={action.master_id: self._explain(
+                                    action.master_id, outcome)})
         self.ec2.tag([action.master_id], {TAG_HOSTS: digest})
         self.by_id[action.master_id] = _with_tag(master, TAG_HOSTS, digest)
         return ActionResult(action, True, f"{1 + len(slaves)} host(s)")
@@ -308,19 +341,10 @@ class _Failed:
     error: str
     ok: bool = False
     log_tail: tuple[str, ...] = ()
+    fault: str = "node"
 
 
 def _with_tag(node: Node, key: str, value: str) -> Node:
     return replace(node, tags={**node.tags, key: value})
 
 
-def _tail(outcome: Any) -> str:
-    """The one-line error, then the node log's last lines for the report."""
-    return "\n".join([outcome.error or "failed", *(getattr(outcome, "log_tail", None) or ())])
-
-
-def _node_result(action: Action, outcomes: dict[str, Any]) -> ActionResult:
-    errors = {i: _tail(o) for i, o in outcomes.items() if not o.ok}
-    done = len(outcomes) - len(errors)
-    detail = f"{done} of {len(outcomes)} done"
-    return ActionResult(action, not errors, detail, node_errors=errors)

@@ -67,6 +67,7 @@ __all__ = [
     "SshSettings",
     "Target",
     "Unreachable",
+    "fault_of",
 ]
 
 T = TypeVar("T")
@@ -74,6 +75,31 @@ T = TypeVar("T")
 _STDIN_INLINE = 256 * 1024  # larger stdin is fed from a thread so output can flow meanwhile
 _TAIL_LINES = 400
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: exit status of a node script refusing for a reason that is the config's, not the node's
+#: (templates/lib.sh EXIT_CONFIG, sysexits' EX_CONFIG)
+EXIT_CONFIG = 78
+#: Who is to blame for a failure, which decides whether it counts against the node:
+#: "node" counts toward replacing it; "config" (a fresh node would fail the same) and
+#: "hostkey" (possible man in the middle: the operator must look, the evidence must stay)
+#: never do.
+FAULTS = ("node", "config", "hostkey")
+
+#: sh functions for files in a directory some unprivileged user can write: root only lstats
+#: them (GNU stat without -L); anything but a regular file with one link owned by that user
+#: is refused, naming the node, the path and what was found.
+_OWNED_FILE_CHECK = r"""
+check() {
+  f=$(stat -c '%F|%h|%U' -- "$1" 2>/dev/null) || {
+    [ "${2:-}" = missing-ok ] && return 0
+    echo "refusing $1 on $(hostname -s): it is missing" >&2; exit 1; }
+  case $f in
+  "regular file|1|$U" | "regular empty file|1|$U") ;;
+  *) echo "refusing $1 on $(hostname -s): found ${f%%|*} (links/owner: ${f#*|})," \
+       "expected a regular file owned by $U with one link" >&2
+     exit 1 ;;
+  esac
+}
+"""
 
 
 # ---------------------------------------------------------------------------- types
@@ -137,6 +163,20 @@ class Outcome(Generic[T]):
     log_tail: tuple[str, ...] = ()
     seconds: float = 0.0
     exception: BaseException | None = field(default=None, repr=False, compare=False)
+    #: who is to blame when not ok: one of FAULTS (see fault_of)
+    fault: str = "node"
+
+
+def fault_of(exc: BaseException | None) -> str:
+    """The fault class of a failure: an exception may say (``fault`` attribute: host-key
+    refusals, bootstrap inputs); a node script says "config" by exiting EXIT_CONFIG;
+    anything else is the node's."""
+    fault = getattr(exc, "fault", None)
+    if fault in FAULTS:
+        return fault
+    if isinstance(exc, CommandFailed) and exc.status == EXIT_CONFIG:
+        return "config"
+    return "node"
 
 
 # ---------------------------------------------------------------------------- errors
@@ -166,6 +206,8 @@ class AuthenticationFailed(Unreachable):
 
 class HostKeyMismatch(SshError):
     """The host key was refused (changed since pinned, or not the one in the console)."""
+
+    fault = "hostkey"
 
 
 class HostKeyUnverified(Unreachable):
@@ -546,7 +588,8 @@ class SshGateway:
                 error = self._redact(error)
                 self._log(target, [f"FAILED: {error}"])
                 return Outcome(ok=False, error=error, log_tail=tuple(self.tail(
-                    target.instance_id)), seconds=time.monotonic() - started, exception=exc)
+                    target.instance_id)), seconds=time.monotonic() - started, exception=exc,
+                    fault="node" if target.instance_id in expired else fault_of(exc))
             finally:
                 with live_lock:
                     live.pop(target.instance_id, None)
@@ -773,18 +816,29 @@ class Session:
         sudo: bool = False,
         *,
         group: str | None = None,
+        as_owner: bool = False,
     ) -> None:
         """Replace ``path`` atomically with ``data`` (readers see the old or the new
         file, never a partial one), with ``mode``. Without ``sudo``/``owner``: SFTP to a
         temporary file next to it, then rename. With them (root-owned destinations,
         other users' files): SFTP to a private 0600 file in the login user's home, then
         ``sudo -n install -m MODE -o OWNER -g GROUP`` next to the destination and ``mv``
-        over it. ``owner`` defaults to root; ``group`` to the owner's primary group."""
+        over it. ``owner`` defaults to root; ``group`` to the owner's primary group.
+
+        ``as_owner`` is for a directory the (unprivileged) ``owner`` can write, where
+        root must never follow that user's links: the data goes on stdin to a writer
+        running as ``owner`` (fresh mktemp name, rename), and what is at ``path`` before
+        and after must be a regular file with one link owned by ``owner``."""
         payload = data.encode() if isinstance(data, str) else bytes(data)
         if not path.startswith("/"):
             raise ValueError(f"write_file needs an absolute path, not {path!r}")
         token = _secrets.token_hex(6)
         shown = f"write_file {path} ({len(payload)} bytes, mode {mode:04o}"
+        if as_owner:
+            if not owner or ":" in owner or group or owner == "root":
+                raise ValueError("write_file as_owner needs an unprivileged owner, no group")
+            self._write_as_owner(path, payload, mode, owner, shown)
+            return
         if not sudo and owner is None:
             self._log([shown + ")"])
             directory, base = posixpath.split(path)
@@ -812,6 +866,18 @@ class Session:
         self._exec(command, f"{shown}, owner {user}:{grp or '-'}) via sudo", None, None,
                    False, True)
 
+    def _write_as_owner(self, path: str, payload: bytes, mode: int, owner: str,
+                        shown: str) -> None:
+        writer = ('umask 077; t=$(mktemp -- "$1.XXXXXX") || exit 1; '
+                  "trap 'rm -f -- \"$t\"' EXIT; "
+                  'cat >"$t" && chmod "$2" -- "$t" && mv -fT -- "$t" "$1" && trap - EXIT')
+        script = (_OWNED_FILE_CHECK + 'U=$2; check "$1" missing-ok\n'
+                  'runuser -u "$U" -- sh -c "$4" writer "$1" "$3" || exit 1\ncheck "$1"\n')
+        q = shlex.quote
+        command = (f"sudo -n -- sh -c {q(script)} sh {q(path)} {q(owner)} {mode:04o} "
+                   f"{q(writer)}")
+        self._exec(command, f"{shown}, as {owner})", payload, None, False, True)
+
     def _sftp_put(self, tmp: str, payload: bytes, mode: int, path: str) -> None:
         sftp = self._sftp_client()
         try:
@@ -824,9 +890,21 @@ class Session:
                 sftp.remove(tmp)
             raise self._file_error("write", path, exc) from exc
 
-    def read_file(self, path: str, sudo: bool = False, secret: bool = False) -> bytes:
+    def read_file(self, path: str, sudo: bool = False, secret: bool = False,
+                  as_user: str | None = None) -> bytes:
         """The bytes of a remote file (``sudo``: read as root). ``secret`` keeps the
-        content out of logs (it never goes into them anyway; this also hides sizes)."""
+        content out of logs (it never goes into them anyway; this also hides sizes).
+        ``as_user``: a file in a directory that unprivileged user can write, read as that
+        user without following a link or waiting on a FIFO, after the same checks as
+        ``write_file(as_owner=True)``."""
+        if as_user:
+            script = (_OWNED_FILE_CHECK + 'U=$2; check "$1"\n'
+                      'exec runuser -u "$U" -- dd if="$1" iflag=nofollow,nonblock bs=1M '
+                      'status=none\n')
+            q = shlex.quote
+            return self._exec(f"sudo -n -- sh -c {q(script)} sh {q(path)} {q(as_user)}",
+                              f"read_file {path} as {as_user}", None, None, secret, True,
+                              log_stdout=False).raw_stdout
         if sudo:
             return self._exec(f"sudo -n -- cat -- {shlex.quote(path)}",
                               f"read_file {path} via sudo", None, None, secret, True,

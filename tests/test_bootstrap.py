@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,10 @@ import pytest
 from disposabledisco import bootstrap
 from disposabledisco.config import Config, ConfigError, parse_config
 
-BASE = {"AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "NUM_SLAVES": 2}
+STATE = tempfile.mkdtemp(prefix="dd-test-bootstrap-")  # the digest key lives here
+atexit.register(shutil.rmtree, STATE, True)
+BASE = {"AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "NUM_SLAVES": 2,
+        "TAG_KEY": "disco-bootstrap-test", "STATE_DIR": STATE}
 APT = {"DISCO_INSTALL": "apt", "DISCO_APT_SOURCE": "deb https://apt.example.org/disco stable main"}
 TRICKY = "it's \"quoted\" $HOME `echo tick` $(echo sub) \\ ; & | < > * ?\nsecond line\t!"
 SNIPPETS = ("join_read", "join_slave", "join_known_hosts", "join_copy", "join_unpack",

@@ -77,13 +77,43 @@ install_packages() {
   fi
   apt_update
   log "installing: ${missing[*]}"
-  apt_get install -y --no-install-recommends "${missing[@]}"
+  apt_install "${missing[@]}"
 }
 
+# A package name that apt does not know is the config's fault: a fresh node fails the same.
+apt_install() {
+  local out
+  if ! out=$(apt_get install -y --no-install-recommends "$@" 2>&1); then
+    printf '%s\n' "$out" >&2
+    if grep -qE "^E: (Unable to locate package|Package '.*' has no installation candidate)" <<<"$out"; then
+      die_config "apt-get cannot install $* (check the package names in the config)"
+    fi
+    die "apt-get install $* failed"
+  fi
+}
+
+# The lowest uid of a login account on this node (login.defs UID_MIN, else 1000).
+uid_min() {
+  local min
+  min=$(awk '$1 == "UID_MIN" { print $2; exit }' /etc/login.defs 2>/dev/null || true)
+  [[ $min =~ ^[0-9]+$ ]] || min=1000
+  printf '%s\n' "$min"
+}
+
+# DISCO_USER is created here (a system account, recorded in STATE_DIR) or is an existing
+# ordinary account: root and system accounts the tool did not create are refused, since
+# the bootstrap hands this user the cluster's keys and Disco runs jobs as it.
 ensure_disco_user() {
+  local marker=$STATE_DIR/user.created uid
   if ! id -u "$DISCO_USER" >/dev/null 2>&1; then
     log "creating user $DISCO_USER"
     useradd --system --create-home --shell /bin/bash "$DISCO_USER"
+    printf '%s:%s\n' "$DISCO_USER" "$(id -u "$DISCO_USER")" | write_file 0644 root:root "$marker"
+  fi
+  uid=$(id -u "$DISCO_USER")
+  ((uid != 0)) || die_config "DISCO_USER $DISCO_USER has uid 0 on $(node_name): pick an unprivileged user name"
+  if ((uid < $(uid_min))) && [[ ! -f $marker || $(<"$marker") != "$DISCO_USER:$uid" ]]; then
+    die_config "DISCO_USER $DISCO_USER is an existing system account (uid $uid) on $(node_name) that disposabledisco did not create: pick a new user name"
   fi
   [[ $(getent passwd "$DISCO_USER" | cut -d: -f7) == /bin/bash ]] ||
     usermod --shell /bin/bash "$DISCO_USER"
@@ -92,13 +122,13 @@ ensure_disco_user() {
     usermod -p '*' "$DISCO_USER"
   fi
   local home
-  home=$(disco_home)
-  if [[ ! -d $home ]]; then
-    mkdir -p "$home"
-    cp -rT /etc/skel "$home" 2>/dev/null || true
-    chown -R "$DISCO_USER:" "$home"
+  home=$(getent passwd "$DISCO_USER" | cut -d: -f6)
+  if [[ $(path_facts "$home") == missing ]]; then
+    install -d -m 0750 -o "$DISCO_USER" -g "$(id -gn "$DISCO_USER")" "$home"
+    as_user cp -rT /etc/skel "$home" 2>/dev/null || true
   fi
-  install -d -m 0700 -o "$DISCO_USER" -g "$(id -gn "$DISCO_USER")" "$home/.ssh"
+  home=$(disco_home)
+  user_dir 0700 "$home/.ssh"
 }
 
 # ~/.bashrc is read by bash for non-interactive SSH commands on Debian/Ubuntu, before
@@ -112,11 +142,11 @@ configure_disco_shell() {
     # shellcheck disable=SC2016 # $PATH is for the .bashrc, not for now
     printf 'case ":$PATH:" in *":%s/bin:"*) ;; *) PATH="%s/bin:$PATH" ;; esac\n' "$VENV" "$VENV"
     printf '%s\n' 'export PATH' 'export PYTHONWARNINGS=ignore' '# END disposabledisco'
-    if [[ -f $rc ]]; then
-      sed '/^# BEGIN disposabledisco/,/^# END disposabledisco/d' "$rc"
+    if [[ $(path_facts "$rc") != missing ]]; then
+      user_read "$rc" | sed '/^# BEGIN disposabledisco/,/^# END disposabledisco/d'
     fi
   )
-  printf '%s\n' "$body" | write_file 0644 "$DISCO_USER:" "$rc"
+  printf '%s\n' "$body" | user_write 0644 "$rc"
 }
 
 install_pip_requirements() {
@@ -136,17 +166,19 @@ install_pip_requirements() {
 }
 
 install_mgmt_keys() {
-  local home keys line
+  local home keys line current
   home=$(disco_home)
   keys=$home/.ssh/authorized_keys
-  [[ -f $keys ]] || install -m 0600 -o "$DISCO_USER" /dev/null "$keys"
-  while IFS= read -r line; do
-    line=${line%$'\r'}
-    [[ -n $line ]] || continue
-    grep -qxF -- "$line" "$keys" || printf '%s\n' "$line" >>"$keys"
-  done <<<"$MGMT_KEY"
-  chmod 0600 "$keys"
-  chown "$DISCO_USER:" "$keys"
+  current=""
+  [[ $(path_facts "$keys") == missing ]] || current=$(user_read "$keys")
+  {
+    [[ -z $current ]] || printf '%s\n' "$current"
+    while IFS= read -r line; do
+      line=${line%$'\r'}
+      [[ -n $line ]] || continue
+      grep -qxF -- "$line" <<<"$current" || printf '%s\n' "$line"
+    done <<<"$MGMT_KEY"
+  } | user_write 0600 "$keys"
 }
 
 # apt mode: the user's Disco apt source, then its packages (Erlang comes with BASE_PACKAGES).
@@ -159,12 +191,13 @@ install_disco_apt() {
   mapfile -t missing < <(missing_packages "${DISCO_APT_PACKAGES[@]}")
   if [[ $changed == yes || ${#missing[@]} -gt 0 ]]; then
     apt_update
-    apt_get install -y --no-install-recommends "${DISCO_APT_PACKAGES[@]}"
+    apt_install "${DISCO_APT_PACKAGES[@]}"
   fi
   compile_disco_quietly
 }
 
-# tarball mode from a URL: fetch once per URL, then unpack.
+# tarball mode from a URL: fetch once per URL, then unpack. https never follows a redirect
+# to anything but https, and with DISCO_TARBALL_SHA256 the file must have that hash.
 fetch_disco_tarball() {
   if [[ -f $STATE_DIR/tarball.source && $(<"$STATE_DIR/tarball.source") == "$DISCO_TARBALL_URL" &&
     -f $STATE_DIR/tarball.sha256 ]]; then
@@ -174,19 +207,35 @@ fetch_disco_tarball() {
   local part=$STAGED_TARBALL.part
   case $DISCO_TARBALL_URL in
   https://*)
-    command -v curl >/dev/null 2>&1 || die "DISCO_TARBALL is an https:// URL but curl is missing"
-    curl --fail --silent --show-error --location --retry 3 -o "$part" "$DISCO_TARBALL_URL"
+    command -v curl >/dev/null 2>&1 ||
+      die_config "DISCO_TARBALL is an https:// URL but curl is missing on $(node_name)"
+    curl --fail --silent --show-error --location --proto =https --proto-redir =https \
+      --retry 3 -o "$part" "$DISCO_TARBALL_URL"
     ;;
   s3://*)
-    command -v aws >/dev/null 2>&1 || die "DISCO_TARBALL is an s3:// URL but the aws CLI is missing"
+    command -v aws >/dev/null 2>&1 ||
+      die_config "DISCO_TARBALL is an s3:// URL but the aws CLI is missing on $(node_name)"
     aws s3 cp --only-show-errors "$DISCO_TARBALL_URL" "$part"
     ;;
-  *) die "unsupported DISCO_TARBALL URL: $DISCO_TARBALL_URL" ;;
+  *) die_config "unsupported DISCO_TARBALL URL: $DISCO_TARBALL_URL" ;;
   esac
+  verify_download "$part"
   mv -f "$part" "$STAGED_TARBALL"
   rm -f "$STATE_DIR/tarball.sha256"
   unpack_tarball "$STAGED_TARBALL"
   printf '%s\n' "$DISCO_TARBALL_URL" | write_file 0644 root:root "$STATE_DIR/tarball.source"
+}
+
+# A downloaded file must match DISCO_TARBALL_SHA256 when the config sets it; a mismatch
+# repeats on any node, so it is the config's fault (or the server's), not this node's.
+verify_download() {
+  local file=$1 sum
+  [[ -n $DISCO_TARBALL_SHA256 ]] || return 0
+  sum=$(sha256sum "$file" | cut -d' ' -f1)
+  if [[ $sum != "${DISCO_TARBALL_SHA256,,}" ]]; then
+    rm -f "$file"
+    die_config "$DISCO_TARBALL_URL has sha256 $sum, DISCO_TARBALL_SHA256 says $DISCO_TARBALL_SHA256"
+  fi
 }
 
 # Disco itself, per DISCO_INSTALL. A local tarball reaches the master before this script
@@ -211,7 +260,7 @@ install_disco() {
     fi
     verify_disco_path disco erl python
     ;;
-  *) die "unknown DISCO_INSTALL: $DISCO_INSTALL" ;;
+  *) die_config "unknown DISCO_INSTALL: $DISCO_INSTALL" ;;
   esac
 }
 
@@ -226,7 +275,38 @@ write_disco_settings() {
       printf "DISCO_MASTER_HOST = '%s'\n" "$host"
     fi
   } | write_file 0644 root:root /etc/disco/settings.py
-  install -d -m 0755 -o "$DISCO_USER" -g "$(id -gn "$DISCO_USER")" "$DISCO_ROOT"
+  ensure_disco_root
+}
+
+# DISCO_ROOT: each missing folder is made by the owner of the folder it goes in (root or
+# the Disco user; anyone else's is refused), the last one ends up the Disco user's. An
+# existing DISCO_ROOT is never chowned: one the Disco user does not own is refused.
+ensure_disco_root() {
+  local path=$DISCO_ROOT current="" parent part type links uid owner parts want
+  want=$(id -u "$DISCO_USER")
+  [[ $path == /* && $path != / && $(realpath -m -- "$path") == "$path" ]] ||
+    die_config "DISCO_ROOT $path is not a canonical absolute path on $(node_name) (no symbolic links, '..' or trailing '/')"
+  IFS=/ read -ra parts <<<"${path#/}"
+  for part in "${parts[@]}"; do
+    parent=${current:-/}
+    current+=/$part
+    if [[ $(path_facts "$current") == missing ]]; then
+      uid=$(stat -c %u -- "$parent")
+      if ((uid == want)); then
+        as_user mkdir -m 0755 -- "$current"
+      elif ((uid == 0)); then
+        mkdir -m 0755 -- "$current"
+        [[ $current != "$path" ]] || chown -h "$DISCO_USER:$(id -gn "$DISCO_USER")" -- "$current"
+      else
+        die_config "cannot create DISCO_ROOT $path on $(node_name): $parent belongs to $(stat -c %U -- "$parent")"
+      fi
+    fi
+    IFS='|' read -r type links uid owner <<<"$(path_facts "$current")"
+    [[ $type == directory ]] ||
+      die_config "DISCO_ROOT $path on $(node_name): $current is a $type, not a directory"
+  done
+  ((uid == want)) ||
+    die_config "DISCO_ROOT $path already exists on $(node_name) owned by $owner, not $DISCO_USER: refusing to take it over (pick a new folder, or chown it to $DISCO_USER yourself)"
 }
 
 # POST_INIT is a script by design: run from a file (never eval), once per content change.
@@ -240,7 +320,7 @@ run_post_init() {
   fi
   printf '%s\n' "$POST_INIT" | write_file 0700 root:root "$script"
   log "running POST_INIT"
-  (cd / && bash "$script") </dev/null || die "POST_INIT failed (status $?)"
+  (cd / && bash "$script") </dev/null || die_config "POST_INIT failed (status $?)"
   printf '%s\n' "$sum" | write_file 0644 root:root "$STATE_DIR/post_init.sha256"
 }
 

@@ -9,19 +9,32 @@ log() { printf 'disposabledisco: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 trap 'log "failed (status $?) at line $LINENO: $BASH_COMMAND"' ERR
 
+#: exit status of a refusal that is the config's fault (sysexits EX_CONFIG): it would
+#: repeat on a fresh node, so the reconciler never counts it against the node
+EXIT_CONFIG=78
+
+# A failure a fresh node would repeat (a bad setting, a refused DISCO_USER/DISCO_ROOT).
+die_config() { log "ERROR: $*"; exit "$EXIT_CONFIG"; }
+
 require_root() {
   [[ $EUID -eq 0 ]] || die "must run as root (sudo -n bash -s)"
+  cd /
 }
 
-# The home folder of the Disco user (created by the bootstrap).
+node_name() { hostname -s 2>/dev/null || hostname; }
+
+# The home folder of the Disco user (created by the bootstrap): a real directory it owns.
 disco_home() {
   local home
   home=$(getent passwd "$DISCO_USER" | cut -d: -f6)
   [[ -n $home ]] || die "user $DISCO_USER does not exist: bootstrap the node first"
+  check_user_dir "$home"
   printf '%s\n' "$home"
 }
 
 # write_file MODE OWNER PATH < content: atomic replace, only when the content changed.
+# Only for directories no unprivileged user can write (/etc, STATE_DIR): anything the
+# Disco user can write goes through user_write.
 write_file() {
   local mode=$1 owner=$2 path=$3 tmp
   tmp=$(mktemp "$path.XXXXXX")
@@ -35,6 +48,80 @@ write_file() {
   else
     mv -f "$tmp" "$path"
   fi
+}
+
+# -- paths the Disco user can write (its home, ~/.ssh, DISCO_ROOT) -----------------------
+# Root never opens, chowns or chmods anything there: it only looks with lstat (`stat`
+# without -L) and reads or writes as the Disco user, so a planted symlink, hard link,
+# FIFO or directory can at most redirect that user's own access, and it is refused.
+
+# Run a command as the Disco user (plain environment, no ~/.bashrc).
+as_user() {
+  runuser -u "$DISCO_USER" -- env -i PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 "$@"
+}
+
+# What lstat sees at PATH: "type|links|uid|owner", or "missing".
+path_facts() { stat -c '%F|%h|%u|%U' -- "$1" 2>/dev/null || echo missing; }
+
+refuse_path() {
+  local path=$1 found=$2 want=$3
+  [[ $found != "symbolic link" ]] || found+=" to $(readlink -- "$path" || echo '?')"
+  die "refusing $path on $(node_name): it is a $found, expected $want (planted by someone with access to $DISCO_USER? remove it, or replace the node)"
+}
+
+# check_user_file PATH [missing-ok]: a regular file with one link, owned by the Disco user.
+check_user_file() {
+  local path=$1 facts type links uid owner want
+  want="a regular file owned by $DISCO_USER with one link"
+  facts=$(path_facts "$path")
+  if [[ $facts == missing ]]; then
+    [[ ${2:-} == missing-ok ]] || die "$path is missing on $(node_name)"
+    return 0
+  fi
+  IFS='|' read -r type links uid owner <<<"$facts"
+  [[ $type == "regular file" || $type == "regular empty file" ]] ||
+    refuse_path "$path" "$type" "$want"
+  ((links == 1)) || refuse_path "$path" "hard link ($links links)" "$want"
+  ((uid == $(id -u "$DISCO_USER"))) || refuse_path "$path" "file owned by $owner" "$want"
+}
+
+# check_user_dir PATH: a directory (not a link to one) owned by the Disco user.
+check_user_dir() {
+  local path=$1 facts type links uid owner
+  facts=$(path_facts "$path")
+  [[ $facts != missing ]] || die "$path is missing on $(node_name)"
+  IFS='|' read -r type links uid owner <<<"$facts"
+  [[ $type == directory ]] || refuse_path "$path" "$type" "a directory owned by $DISCO_USER"
+  ((uid == $(id -u "$DISCO_USER"))) ||
+    refuse_path "$path" "directory owned by $owner" "a directory owned by $DISCO_USER"
+}
+
+# user_dir MODE PATH: the Disco user's directory, created by that user when missing.
+user_dir() {
+  local mode=$1 path=$2
+  [[ $(path_facts "$path") != missing ]] || as_user mkdir -m "$mode" -- "$path"
+  check_user_dir "$path"
+  as_user chmod "$mode" -- "$path"
+}
+
+# user_read PATH: the bytes of one of the Disco user's files, read by that user without
+# following a link and without waiting on a FIFO.
+user_read() {
+  check_user_file "$1"
+  as_user dd if="$1" iflag=nofollow,nonblock bs=1M status=none
+}
+
+# user_write MODE PATH < content: atomic replace by the Disco user, through a fresh
+# mktemp name in the same directory (no fixed temp name to plant), then checked.
+user_write() {
+  local mode=$1 path=$2
+  check_user_dir "$(dirname -- "$path")"
+  check_user_file "$path" missing-ok
+  # shellcheck disable=SC2016 # expanded by the inner shell
+  as_user bash -c 'set -e; umask 077; t=$(mktemp -- "$2.XXXXXX")
+    trap '\''rm -f -- "$t"'\'' EXIT
+    cat >"$t"; chmod "$1" -- "$t"; mv -fT -- "$t" "$2"; trap - EXIT' user_write "$mode" "$path"
+  check_user_file "$path"
 }
 
 # Run a command as the Disco user with the environment a non-interactive SSH command
@@ -56,7 +143,7 @@ verify_disco_path() {
     as_disco bash -c 'command -v "$1" >/dev/null' check "$tool" || missing+=("$tool")
   done
   ((${#missing[@]} == 0)) ||
-    die "not on the non-interactive PATH of $DISCO_USER: ${missing[*]} (DISCO_INSTALL=$DISCO_INSTALL)"
+    die_config "not on the non-interactive PATH of $DISCO_USER: ${missing[*]} (DISCO_INSTALL=$DISCO_INSTALL)"
 }
 
 # Unpack an installed Disco tree at / (same path on every node), once per tarball content.
@@ -75,12 +162,17 @@ unpack_tarball() {
   printf '%s\n' "$sum" | write_file 0644 root:root "$STATE_DIR/tarball.sha256"
 }
 
-# Precompile Disco's Python so workers never print compile-time SyntaxWarnings.
+# Precompile Disco's Python so workers never print compile-time SyntaxWarnings. The
+# folder comes from the Disco user's PATH: root compiles only a root-owned real path,
+# anything else is compiled by the Disco user.
 compile_disco_quietly() {
-  local dir
+  local dir compile=()
   dir=$(as_disco python -W ignore -c \
     'import os, disco; print(os.path.dirname(disco.__file__))' 2>/dev/null) || return 0
-  if [[ -d $dir ]]; then
-    python3 -W ignore -m compileall -q "$dir" >/dev/null 2>&1 || log "could not precompile $dir"
+  [[ -d $dir ]] || return 0
+  if [[ $(stat -c %u -- "$dir") != 0 || $(realpath -- "$dir") != "$dir" ]]; then
+    compile=(as_user)
   fi
+  "${compile[@]}" python3 -W ignore -m compileall -q "$dir" >/dev/null 2>&1 ||
+    log "could not precompile $dir"
 }
