@@ -269,7 +269,6 @@ def test_market_spot_or_on_demand(with_request, lifecycle, market):
 @pytest.mark.parametrize(("role_tag", "group_tag", "role", "group"), [
     ("master", None, "master", "master"),
     ("slave", None, "slave", "c5.xlarge"),  # a slave's group defaults to its type
-    (None, None, "slave", "c5.xlarge"),  # untagged: a slave until the planner tags it
     ("slave", "m5.large", "slave", "m5.large"),
     ("master", "special", "master", "special"),
 ])
