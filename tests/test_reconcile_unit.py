@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -464,3 +466,28 @@ def test_new_instances_are_tagged_with_role_and_group(tmp_path):
     tagged = {w[1]: w[2] for w in ec2.writes if w[0] == "tag" and TAG in w[2]}
     assert sorted(tagged.values(), key=str) == [{TAG: "master", TAG_GROUP: "master"},
                                                 {TAG: "slave", TAG_GROUP: "m5.large"}]
+
+
+# -- the ClientTokens a launch sends (tokens.TokenBook, as the pass uses it) ------------------
+
+def test_token_shape_names_the_decision_and_fits_ec2s_limit(tmp_path):
+    key = "0123456789abcdef0123456789abcdef01234567"
+    token = TokenBook(tmp_path).token_for(key, NOW)
+    assert re.fullmatch(r"dd-0123456789abcdef0123-[0-9a-f]{16}", token), token
+    assert len(token) <= 64
+
+
+@pytest.mark.parametrize(("later", "same"), [
+    (timedelta(minutes=59, seconds=59), True), (timedelta(hours=1), False)])
+def test_a_token_is_remembered_for_just_under_an_hour(tmp_path, later, same):
+    book = TokenBook(tmp_path)
+    first = book.token_for("k" * 40, NOW)
+    assert (book.token_for("k" * 40, NOW + later) == first) is same
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"', "null"])
+def test_a_token_book_that_is_not_an_object_is_started_afresh(tmp_path, content):
+    (tmp_path / "tokens.json").write_text(content)
+    token = TokenBook(tmp_path).token_for("c" * 40, NOW)
+    assert json.loads((tmp_path / "tokens.json").read_text()) == {
+        "c" * 40: {"token": token, "at": NOW.isoformat()}}
