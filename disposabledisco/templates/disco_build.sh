@@ -123,11 +123,12 @@ install_tree() {
   grep -q '^DISCO_HOME' "$work/stage/etc/disco/settings.py"
 }
 
-# Sorted names, fixed owner and mtime: the same build gives the same tarball bytes.
+# Sorted names, fixed owner and mtime (2000-01-01: Disco zips its Python package for every
+# job, and zip cannot store times before 1980): same build, same tarball bytes.
 pack() {
   local target=$out/disco-installed-$want_sha.tar.gz
   tar -C "$work/stage" --sort=name --owner=0 --group=0 --numeric-owner \
-    --mtime=@0 -cf - . | gzip -n >"$work/installed.tar.gz"
+    --mtime=@946684800 -cf - . | gzip -n >"$work/installed.tar.gz"
   mv -f -- "$work/installed.tar.gz" "$out/.disco-installed.$$.tmp"
   mv -f -- "$out/.disco-installed.$$.tmp" "$target"
   du -b "$target"
