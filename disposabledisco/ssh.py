@@ -83,6 +83,8 @@ EXIT_CONFIG = 78
 #: "hostkey" (possible man in the middle: the operator must look, the evidence must stay)
 #: never do.
 FAULTS = ("node", "config", "hostkey")
+#: how the node scripts' `die` starts its one line (templates/lib.sh)
+SCRIPT_ERROR_PREFIX = "disposabledisco: ERROR: "
 
 #: sh functions for files in a directory some unprivileged user can write: root only lstats
 #: them (GNU stat without -L); anything but a regular file with one link owned by that user
@@ -745,7 +747,7 @@ class Session:
         result = Result(status, out.decode("utf-8", errors="replace"),
                         err.decode("utf-8", errors="replace"), out)
         if check and status != 0:
-            tail = "(output withheld: secret)" if secret else _stderr_tail(result)
+            tail = _stderr_tail(result, secret=secret)
             raise CommandFailed(self.target, self.gateway._redact(shown), status,
                                 self.gateway._redact(tail))
         return result
@@ -925,7 +927,16 @@ class Session:
         return FileTransferFailed(self.target, verb, path, _describe(exc))
 
 
-def _stderr_tail(result: Result, lines: int = 3) -> str:
+def _stderr_tail(result: Result, lines: int = 3, secret: bool = False) -> str:
+    """What a failed command said: our node scripts' own ERROR line when there is one
+    (it names the node, the path and the reason; it never holds a secret value, so it is
+    shown for ``secret`` calls too), else the last stderr lines (none when secret)."""
+    said = [ln.strip() for ln in result.stderr.splitlines()
+            if ln.startswith(SCRIPT_ERROR_PREFIX)]
+    if said:
+        return _one_line(said[-1][len(SCRIPT_ERROR_PREFIX):], 400)
+    if secret:
+        return "(output withheld: secret)"
     text = [ln.strip() for ln in result.stderr.splitlines() if ln.strip()]
     if not text:
         text = [ln.strip() for ln in result.stdout.splitlines() if ln.strip()][-1:]

@@ -7,13 +7,16 @@ or a small local tarball holding a stand-in `disco` command).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import json
 import shlex
+import shutil
 import socket
 import subprocess
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,6 +45,8 @@ POST_INIT = ("echo \"it's $HOME\" 'single $HOME' `echo back` $(echo sub) "
              "> /root/post_init.out\n")
 POST_INIT_OUTPUT = "it's /root single $HOME back sub\n"
 VCPUS = 2
+STATE = tempfile.mkdtemp(prefix="dd-test-provision-")  # the bootstrap digest key
+atexit.register(shutil.rmtree, STATE, True)
 HOME = "/home/disco"
 COOKIE = f"{HOME}/.erlang.cookie"
 
@@ -69,7 +74,7 @@ def make_config(public_key: str, **values: object) -> Config:
         "AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "NUM_SLAVES": 2,
         "DISCO_INSTALL": "none", "BASE_PACKAGES": list(MACHINE_PACKAGES[:3]),
         "SSH_ADDRESS": "private_ip", "POST_INIT": POST_INIT, "MGMT_KEY": public_key,
-        **values})
+        "TAG_KEY": "disco-provision-test", "STATE_DIR": STATE, **values})
 
 
 def cluster_nodes(farm_nodes: list, roles: list[str]) -> list[Node]:
@@ -165,13 +170,19 @@ def test_bootstrap_join_membership_and_doctor(cluster, node_farm: NodeFarm,  # n
     expected_table = [[disco.short_name(n), str(VCPUS)] for n in nodes]
     assert membership.value == expected_table
 
-    # one cookie, mode 0400, owned by disco, never in a process list or a log
+    # one cookie, mode 0400, owned by disco, never in a process list or a log; the
+    # cluster's private key stays on the master, slaves get its public half only
     cookie = sh(node_farm, master, f"cat {COOKIE}")
     assert len(cookie) >= 20
+    assert sh(node_farm, master, f"stat -c '%a %U' {HOME}/.ssh/id_ed25519") == "600 disco\n"
+    public = sh(node_farm, master, f"cat {HOME}/.ssh/id_ed25519.pub")
     for node in nodes:
         assert sh(node_farm, node, f"cat {COOKIE}") == cookie
         assert sh(node_farm, node, f"stat -c '%a %U' {COOKIE}") == "400 disco\n"
-        assert sh(node_farm, node, f"stat -c '%a %U' {HOME}/.ssh/id_ed25519") == "600 disco\n"
+        assert sh(node_farm, node, f"cat {HOME}/.ssh/id_ed25519.pub") == public
+    for slave in slaves:
+        assert sh(node_farm, slave, f"ls -a {HOME}/.ssh").split() == [
+            ".", "..", "authorized_keys", "id_ed25519.pub"]
     private_key = sh(node_farm, master, f"cat {HOME}/.ssh/id_ed25519")
     assert watcher.seen and not any(cookie in ps for ps in watcher.seen)
     logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
@@ -351,6 +362,7 @@ def test_a_dead_node_fails_alone(start_nodes, ssh_gateway_factory, client_key,  
     assert outcomes[nodes[0].instance_id].ok
     dead = outcomes[nodes[1].instance_id]
     assert not dead.ok and dead_address in dead.error
+    assert dead.fault == "node"
 
 
 def test_unknown_package_fails_fast_with_the_apt_reason(cluster) -> None:
@@ -359,6 +371,7 @@ def test_unknown_package_fails_fast_with_the_apt_reason(cluster) -> None:
     outcome = prov.bootstrap(nodes)[nodes[0].instance_id]
     assert not outcome.ok
     assert "apt-get update" in outcome.error
+    assert outcome.fault == "node"  # no package index (network): the node's
     assert time.monotonic() - started < 60
 
 
@@ -426,6 +439,7 @@ def test_preinstalled_without_disco_says_what_is_missing(cluster) -> None:
     outcome = prov.bootstrap(nodes)[nodes[0].instance_id]
     assert not outcome.ok
     assert "not on the non-interactive PATH of disco: disco" in outcome.error
+    assert outcome.fault == "config"  # a fresh node would fail the same: never counted
 
 
 def test_a_failed_bootstrap_is_not_stamped_and_a_rerun_finishes_it(
@@ -434,6 +448,7 @@ def test_a_failed_bootstrap_is_not_stamped_and_a_rerun_finishes_it(
     node = nodes[0]
     outcome = prov.bootstrap(nodes)[node.instance_id]
     assert not outcome.ok and "POST_INIT failed (status 3)" in outcome.error
+    assert outcome.fault == "config"
     assert sh(node_farm, node, "cat /var/lib/disposabledisco/bootstrap.sha256", False) == ""
     fixed = Provisioner(make_config(client_key.public), prov.ssh, prov.vcpus)
     all_ok(fixed.bootstrap(nodes))

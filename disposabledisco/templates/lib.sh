@@ -7,7 +7,7 @@ SSHD_PATH=/usr/local/bin:/usr/bin:/bin:/usr/games
 
 log() { printf 'disposabledisco: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
-trap 'log "failed (status $?) at line $LINENO: $BASH_COMMAND"' ERR
+trap 'log "failed (status $?) at line $LINENO: ${BASH_COMMAND%%$'\''\n'\''*}"' ERR
 
 #: exit status of a refusal that is the config's fault (sysexits EX_CONFIG): it would
 #: repeat on a fresh node, so the reconciler never counts it against the node
@@ -126,13 +126,15 @@ user_write() {
 
 # Run a command as the Disco user with the environment a non-interactive SSH command
 # gets (sshd's default PATH, then ~/.bashrc), which is how Disco starts its workers.
+# A ~/.bashrc that is no regular file (a FIFO) is skipped rather than waited on.
 as_disco() {
   local home
   home=$(disco_home)
   # shellcheck disable=SC2016 # expanded by the inner shell
   runuser -u "$DISCO_USER" -- env -i HOME="$home" USER="$DISCO_USER" LOGNAME="$DISCO_USER" \
     PATH="$SSHD_PATH" SHELL=/bin/bash LANG=C.UTF-8 \
-    bash -c '. "$HOME/.bashrc" >/dev/null 2>&1 </dev/null; exec "$@"' as_disco "$@"
+    bash -c '[ ! -f "$HOME/.bashrc" ] || . "$HOME/.bashrc" >/dev/null 2>&1 </dev/null
+      exec "$@"' as_disco "$@"
 }
 
 # Disco needs these on the non-interactive PATH of its user on every node.
