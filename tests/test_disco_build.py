@@ -184,6 +184,16 @@ def test_a_bundle_with_the_wrong_hash_is_refused(build_script: Path, tmp_path: P
     assert "step verify failed" in result.stderr and "expected " + "0" * 64 in result.stderr
 
 
+def test_an_output_folder_others_can_write_is_refused(build_script: Path,
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "shared"
+    out.mkdir()
+    out.chmod(0o777)
+    result = run_build(build_script, source_bundle(), out)
+    assert result.returncode == 1
+    assert "writable by group or others" in result.stderr and not os.listdir(out)
+
+
 def make_repo(path: Path, files: dict[str, tuple[bytes, int]]) -> str:
     """A git repository at `path` holding `files` (name -> (bytes, mode)); its commit."""
     for name, (data, mode) in files.items():

@@ -58,9 +58,11 @@ check_inputs() {
   fi
 }
 
-# The output folder holds fixed names: it must not be writable by anyone else.
+# The output folder holds fixed names: it must be ours and writable by no one else
+# (an existing folder is checked, never chmod-ed: it could be /tmp).
 prepare_out() {
-  install -d -m 0755 -- "$out"
+  [[ -d $out ]] || (umask 022 && mkdir -p -- "$out")
+  [[ -O $out ]] || die "output folder $out is not owned by $(id -un); use a private folder"
   if [[ -n $(find "$out" -maxdepth 0 -perm /022) ]]; then
     die "output folder $out is writable by group or others; use a private folder"
   fi
