@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import statefiles
 
 __all__ = [
     "POLICIES",
@@ -154,7 +154,8 @@ class HostKeyStore:
     """Pinned host keys, one file per instance id under ``STATE_DIR/hostkeys/``.
 
     Writes are atomic and first-writer-wins (a concurrent pin of a *different* key by
-    another thread or process is detected, not overwritten).
+    another thread or process is detected, not overwritten). Files go through
+    `statefiles`: never through a link, under a folder that only the caller can write.
     """
 
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
@@ -165,52 +166,37 @@ class HostKeyStore:
         return self.directory / _check_instance_id(instance_id)
 
     def get(self, instance_id: str) -> HostKey | None:
-        """The pinned key, or None. A damaged pin file is an error, not "no pin"."""
-        try:
-            text = self.path(instance_id).read_text()
-        except FileNotFoundError:
+        """The pinned key, or None. A damaged pin file is an error, not "no pin"; so is a
+        pin that is a link or not a file of ours (`statefiles` refuses it)."""
+        path = self.path(instance_id)
+        raw = statefiles.read_bytes(path, limit=64 * 1024)
+        if raw is None:
             return None
+        text = raw.decode("utf-8", errors="replace")
         lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
         if not lines:
-            raise ValueError(f"pinned host key file {self.path(instance_id)} is empty")
+            raise ValueError(f"pinned host key file {path} is empty")
         return HostKey.from_line(lines[0])
 
     def pin(self, instance_id: str, key: HostKey, *, replace: bool = False) -> HostKey:
         """Record ``key`` for ``instance_id`` unless one is already pinned; returns the
         key that is pinned afterwards (the existing one if another writer won)."""
         path = self.path(instance_id)
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=f".{instance_id}.", dir=self.directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(key.line() + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            if replace:
-                os.replace(tmp, path)
-                return key
-            try:
-                os.link(tmp, path)  # atomic "create if absent"
-            except FileExistsError:
-                existing = self.get(instance_id)
-                if existing is None:  # forgotten between the two calls
-                    os.replace(tmp, path)
-                    tmp = ""
-                    return key
-                return existing
+        statefiles.ensure_dir(self.directory)
+        data = (key.line() + "\n").encode("ascii")
+        if replace:
+            statefiles.write_atomic(path, data)
             return key
-        finally:
-            if tmp:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+        while not statefiles.write_new(path, data):  # atomic "create if absent"
+            existing = self.get(instance_id)
+            if existing is not None:
+                return existing
+            # forgotten between the two calls: try to create it again
+        return key
 
     def forget(self, instance_id: str) -> bool:
         """Drop the pin (after an instance was really rebuilt); True if there was one."""
-        try:
-            self.path(instance_id).unlink()
-            return True
-        except FileNotFoundError:
-            return False
+        return statefiles.remove(self.path(instance_id))
 
     def pinned(self, instance_ids: Iterable[str]) -> dict[str, HostKey]:
         """The pinned keys of these instances (those without a pin are left out)."""

@@ -1,7 +1,8 @@
 """One run at a time per cluster: an advisory `flock` in the cluster's state directory.
 
 The kernel drops the lock when the process dies, so a killed cron run never leaves a
-stale lock behind.
+stale lock behind. The folder and the lock file go through `statefiles`: a lock that is a
+planted link (to a file root would then truncate) is refused, not followed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import statefiles
+
 
 class LockHeld(Exception):
     """Another run holds this cluster's lock."""
@@ -21,9 +24,8 @@ class LockHeld(Exception):
 @contextmanager
 def cluster_lock(state_dir: Path) -> Iterator[Path]:
     """Hold the cluster's lock for the duration of the block, or raise `LockHeld` at once."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = state_dir / "lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    path = statefiles.ensure_dir(state_dir) / "lock"
+    fd = statefiles.open_file(path)  # never through a planted link
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

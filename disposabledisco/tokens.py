@@ -11,10 +11,11 @@ forgotten after an hour, when any retry would long have seen its request.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from datetime import datetime, timedelta
 from pathlib import Path
+
+from . import statefiles
 
 REMEMBER = timedelta(hours=1)
 
@@ -37,19 +38,31 @@ class TokenBook:
         return token
 
     def _load(self) -> dict[str, dict[str, str]]:
+        """The book, or an empty one if it is missing or damaged (a planted link or a file
+        that is not ours is refused by `statefiles`, not treated as damage)."""
+        statefiles.ensure_dir(self.path.parent)
+        raw = statefiles.read_bytes(self.path)
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            data = json.loads(raw) if raw is not None else {}
+        except ValueError:
             return {}
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if _is_record(v)}
 
     def _save(self, records: dict[str, dict[str, str]]) -> None:
         """Atomically and durably: the create call that follows relies on it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temporary = self.path.with_suffix(".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(records, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.path)
+        text = json.dumps(records, indent=1, sort_keys=True)
+        statefiles.write_atomic(self.path, text.encode("utf-8"))
+
+
+def _is_record(value: object) -> bool:
+    """A record as `token_for` writes it (a hand-edited one is dropped, not a crash)."""
+    if not (isinstance(value, dict) and isinstance(value.get("token"), str)
+            and isinstance(value.get("at"), str)):
+        return False
+    try:
+        when = datetime.fromisoformat(value["at"])
+    except ValueError:
+        return False
+    return when.tzinfo is not None

@@ -6,12 +6,26 @@ clusters, or a link planted in it, would make one run block, or write through, a
 
 from __future__ import annotations
 
+import json
+import os
+import stat
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
 import pytest
 
-from disposabledisco.config import parse_config
+from disposabledisco import statefiles
+from disposabledisco.cli import main
+from disposabledisco.config import load_config, parse_config
+from disposabledisco.hostkeys import HostKey, HostKeyStore
 from disposabledisco.lock import LockHeld, cluster_lock
+from disposabledisco.statefiles import StateFileError
+from disposabledisco.tokens import TokenBook
 
-BASE = {"AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "TAG_KEY": "disco-same"}
+BASE = {"AMI": "ami-0abcdef1234567890", "KEY_NAME": "k", "TAG_KEY": "disco-same"}
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
 ENV_KEYS = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_EC2", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
 
@@ -86,3 +100,188 @@ def test_state_dir_name_stays_short_for_the_longest_tag_key(tmp_path, clean_env)
                ENDPOINT_URL="http://127.0.0.1:5000")
     assert len(c.state_dir.name) < 200 and "/" not in c.state_dir.name
 
+
+
+def test_a_run_in_another_region_is_not_blocked_by_the_lock(ec2_env, tmp_path):
+    """The real CLI: while the us-east-1 cluster's lock is held, the same TAG_KEY in
+    eu-west-1 runs (whatever EC2 answers there), and us-east-1 itself exits 75."""
+    def write(name, region):
+        path = tmp_path / name
+        path.write_text(json.dumps({**BASE, "AMI": ec2_env.image_id,
+                                    "KEY_NAME": ec2_env.key_name, "REGION": region,
+                                    "STATE_DIR": str(tmp_path / "state"), "MGMT_KEY": "",
+                                    "DISCO_INSTALL": "none"}))
+        return path
+
+    east, west = write("east.json", ec2_env.region), write("west.json", "eu-west-1")
+    assert ec2_env.region != "eu-west-1"
+    command = [sys.executable, "-m", "disposabledisco", "up", "--ec2-only"]
+    with cluster_lock(load_config(east).state_dir):
+        other = subprocess.run([*command, str(west)], capture_output=True, text=True,
+                               timeout=120)
+        same = subprocess.run([*command, str(east)], capture_output=True, text=True,
+                              timeout=120)
+    assert other.returncode != 75 and "holds the lock" not in other.stderr, other.stderr
+    assert same.returncode == 75 and "holds the lock" in same.stderr
+
+
+# --------------------------------------------------------------------------- planted files
+
+
+@pytest.fixture
+def shared(tmp_path):
+    """A STATE_DIR anyone may write to (like /tmp), with a file an attacker wants hit."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o1777)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    return folder, victim
+
+
+def untouched(victim: Path) -> bool:
+    return victim.read_text() == "precious\n" and victim.stat().st_nlink == 1
+
+
+def test_a_planted_lock_link_is_refused_and_the_victim_untouched(tmp_path, shared, clean_env):
+    folder, victim = shared
+    c = config(tmp_path, STATE_DIR=str(folder), REGION="us-east-1")
+    statefiles.ensure_dir(c.state_dir)
+    (c.state_dir / "lock").symlink_to(victim)
+    with pytest.raises(StateFileError) as info, cluster_lock(c.state_dir):
+        pass
+    assert str(c.state_dir / "lock") in str(info.value) and "symbolic link" in str(info.value)
+    assert "STATE_DIR" in str(info.value) and untouched(victim)
+
+
+def test_a_planted_lock_link_through_the_cli_exits_2(tmp_path, shared, ec2_env, capsys):
+    folder, victim = shared
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**BASE, "STATE_DIR": str(folder)}))
+    state = load_config(path).state_dir
+    statefiles.ensure_dir(state)
+    (state / "lock").symlink_to(victim)
+    calls: list[str] = []
+    ec2_env.endpoint.set_http_hook(calls.append)
+    try:
+        assert main(["up", str(path), "--ec2-only"]) == 2
+    finally:
+        ec2_env.endpoint.set_http_hook(None)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "STATE_DIR" in line and "lock is a symbolic link" in line
+    assert untouched(victim) and calls == []
+
+
+def test_a_hard_linked_lock_is_refused(tmp_path, shared, clean_env):
+    folder, victim = shared
+    c = config(tmp_path, STATE_DIR=str(folder), REGION="us-east-1")
+    statefiles.ensure_dir(c.state_dir)
+    os.link(victim, c.state_dir / "lock")
+    with pytest.raises(StateFileError, match="hard links"), cluster_lock(c.state_dir):
+        pass
+    assert victim.read_text() == "precious\n"
+
+
+def test_planted_token_book_links_and_fifos_are_refused(tmp_path, shared):
+    folder, victim = shared
+    state = statefiles.ensure_dir(folder / "cluster")
+    (state / "tokens.json").symlink_to(victim)
+    with pytest.raises(StateFileError, match="tokens.json is a symbolic link"):
+        TokenBook(state).token_for("k" * 40, NOW)
+    assert untouched(victim)
+    (state / "tokens.json").unlink()
+    os.mkfifo(state / "tokens.json")
+    with pytest.raises(StateFileError, match="tokens.json is not a regular file"):
+        TokenBook(state).token_for("k" * 40, NOW)  # and does not wait for a writer
+
+
+def test_old_fixed_temporary_names_are_not_written_through(tmp_path, shared):
+    folder, victim = shared
+    state = statefiles.ensure_dir(folder / "cluster")
+    (state / "tokens.tmp").symlink_to(victim)  # the name the book used to write first
+    token = TokenBook(state).token_for("k" * 40, NOW)
+    assert untouched(victim) and token in (state / "tokens.json").read_text()
+    assert [p.name for p in state.iterdir() if p.name.endswith(".tmp")] == ["tokens.tmp"]
+
+
+KEY = HostKey.from_line("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOZ0F4dIlTGe2Oj7Z4Z6yWnq1l1vX1k0"
+                        "Jm8JpVYx1r2M")
+
+
+def test_planted_pin_links_are_refused_and_never_written_through(tmp_path, shared):
+    folder, victim = shared
+    store = HostKeyStore(statefiles.ensure_dir(folder / "cluster"))
+    statefiles.ensure_dir(store.directory)
+    store.path("i-0123456789abcdef0").symlink_to(victim)
+    with pytest.raises(StateFileError, match="symbolic link"):
+        store.get("i-0123456789abcdef0")
+    with pytest.raises(StateFileError, match="symbolic link"):
+        store.pin("i-0123456789abcdef0", KEY)
+    assert untouched(victim)
+    assert store.pin("i-0123456789abcdef0", KEY, replace=True) == KEY  # replaces the link
+    assert untouched(victim) and store.get("i-0123456789abcdef0") == KEY
+    assert not store.path("i-0123456789abcdef0").is_symlink()
+
+
+def test_a_symlinked_hostkeys_folder_is_refused(tmp_path, shared):
+    folder, _ = shared
+    store = HostKeyStore(statefiles.ensure_dir(folder / "cluster"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    store.directory.symlink_to(elsewhere)
+    with pytest.raises(StateFileError, match="hostkeys is a symbolic link"):
+        store.pin("i-0123456789abcdef0", KEY)
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_a_state_dir_others_can_write_is_refused(tmp_path, mode):
+    state = tmp_path / "cluster"
+    state.mkdir()
+    state.chmod(mode)
+    with pytest.raises(StateFileError) as info, cluster_lock(state):
+        pass
+    message = str(info.value)
+    assert f"{state} is writable by other users (mode {mode:o})" in message
+    assert f"chmod 700 {state}" in message and "STATE_DIR" in message
+    assert not (state / "lock").exists()
+
+
+def test_a_symlinked_state_dir_is_refused(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "cluster").symlink_to(real)
+    with pytest.raises(StateFileError, match="cluster is a symbolic link"), \
+            cluster_lock(tmp_path / "cluster"):
+        pass
+    assert not (real / "lock").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder to another user")
+def test_a_state_dir_owned_by_someone_else_is_refused(tmp_path):
+    state = tmp_path / "cluster"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    with pytest.raises(StateFileError, match="owned by uid 65534, not by this user"), \
+            cluster_lock(state):
+        pass
+
+
+def test_folders_it_creates_are_private_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        state = statefiles.ensure_dir(tmp_path / "new" / "deeper" / "cluster")
+    finally:
+        os.umask(old)
+    for folder in (state, state.parent, state.parent.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def test_write_new_is_first_writer_wins(tmp_path):
+    path = statefiles.ensure_dir(tmp_path / "s") / "f"
+    assert statefiles.write_new(path, b"one") is True
+    assert statefiles.write_new(path, b"two") is False
+    assert statefiles.read_bytes(path) == b"one"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert statefiles.remove(path) is True and statefiles.remove(path) is False
+    assert statefiles.read_bytes(path) is None
