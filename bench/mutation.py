@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         patterns = [p for m in modules for p in MODULES[m]]
         run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
                               str(args.max_children), *patterns], cwd=workdir,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if run.returncode != 0:
-            print(run.stderr[-3000:], file=sys.stderr)
+            print(run.stdout[-3000:], file=sys.stderr)
             return 2
         found = scores(workdir, modules)
     if args.json:
