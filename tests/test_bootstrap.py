@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import hmac
 import os
 import re
 import shutil
@@ -216,3 +217,132 @@ def test_scripts_wait_and_check_instead_of_sleeping() -> None:
     assert "Failed to fetch" in script and "Some index files failed" in script
     assert re.findall(r"\bsleep \S+", script) == ["sleep 1"]  # one poll, with a deadline
     assert not re.search(r"^\s*eval\b", script, re.MULTILINE)
+
+
+# -- the public bootstrap tag is a keyed digest ---------------------------------------
+
+def test_digest_is_keyed_per_cluster_so_the_tag_reveals_nothing(tmp_path: Path) -> None:
+    secret = "export TOKEN=hunter2\n"
+    one = config(POST_INIT=secret, STATE_DIR=str(tmp_path / "one"))
+    two = config(POST_INIT=secret, STATE_DIR=str(tmp_path / "two"))
+    script = bootstrap.render(one, "master")
+    plain = hashlib.sha256(script.encode()).hexdigest()
+    # what a DescribeTags reader could compute from a guess is not what the tag holds
+    assert bootstrap.digest(one, "master") != plain
+    assert bootstrap.digest(one, "master") != bootstrap.digest(two, "master")
+    key_file = one.state_dir / bootstrap.DIGEST_KEY_FILE
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = bytes.fromhex(key_file.read_text().strip())
+    assert len(key) == 32
+    assert bootstrap.digest(one, "master") == hmac.new(key, script.encode(),
+                                                       hashlib.sha256).hexdigest()
+    assert bootstrap.digest(one, "master") == bootstrap.digest(one, "master")  # stable
+
+
+def test_digest_key_is_never_read_or_made_through_a_link(tmp_path: Path) -> None:
+    cfg = config(STATE_DIR=str(tmp_path))
+    cfg.state_dir.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_text("ab" * 32 + "\n")
+    (cfg.state_dir / bootstrap.DIGEST_KEY_FILE).symlink_to(victim)
+    with pytest.raises(bootstrap.BootstrapError, match="bootstrap.key"):
+        bootstrap.digest(cfg, "master")
+    assert victim.read_text() == "ab" * 32 + "\n"
+
+
+# -- https downloads: no redirect to plain http, DISCO_TARBALL_SHA256 checked ------------
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory):
+    """An https server on 127.0.0.1 (self-signed, trusted through CURL_CA_BUNDLE) that
+    serves /file and redirects /to-http and /to-https; plus a plain http server that
+    records whether anyone reached it."""
+    import http.server
+    import ssl
+    import threading
+
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    hits: list[str] = []
+    body = b"tarball bytes\n"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            hits.append(f"{self.server.scheme} {self.path}")
+            if self.path.startswith("/to-"):
+                scheme = self.path[4:]
+                port = servers[scheme].server_address[1]
+                self.send_response(302)
+                self.send_header("Location", f"{scheme}://127.0.0.1:{port}/file")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    servers = {}
+    for scheme in ("https", "http"):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.scheme = scheme
+        if scheme == "https":
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(cert, key)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers[scheme] = server
+    yield servers["https"].server_address[1], cert, hits, hashlib.sha256(body).hexdigest()
+    for server in servers.values():
+        server.shutdown()
+
+
+def fetch(tmp_path: Path, url: str, sha256: str, cert: Path) -> subprocess.CompletedProcess:
+    """The master script's real fetch_disco_tarball, with unpacking stubbed out."""
+    cfg = unchecked(DISCO_INSTALL="tarball", DISCO_TARBALL=url, DISCO_TARBALL_SHA256=sha256)
+    script = bootstrap.render(cfg, "master").replace('main "$@" </dev/null', "")
+    harness = script + (f"STATE_DIR={tmp_path}\nSTAGED_TARBALL={tmp_path}/disco.tar\n"
+                        "unpack_tarball() { echo \"unpacked $1\"; }\nfetch_disco_tarball\n")
+    return bash(harness, env={"PATH": os.environ["PATH"], "CURL_CA_BUNDLE": str(cert)})
+
+
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("openssl") is None,
+                    reason="needs curl and openssl")
+def test_https_download_never_follows_a_redirect_to_plain_http(tmp_path: Path,
+                                                               tls_server) -> None:
+    port, cert, hits, sha = tls_server
+    hits.clear()
+    refused = fetch(tmp_path, f"https://127.0.0.1:{port}/to-http", "", cert)
+    assert refused.returncode != 0 and "unpacked" not in refused.stdout
+    assert hits == ["https /to-http"], hits  # the plain http server was never asked
+    assert not (tmp_path / "disco.tar").exists()
+    followed = fetch(tmp_path, f"https://127.0.0.1:{port}/to-https", sha.upper(), cert)
+    assert followed.returncode == 0, followed.stderr
+    assert followed.stdout == f"unpacked {tmp_path}/disco.tar\n"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("openssl") is None,
+                    reason="needs curl and openssl")
+def test_download_with_another_sha256_is_refused_as_the_configs_fault(tmp_path: Path,
+                                                                     tls_server) -> None:
+    port, cert, _, sha = tls_server
+    wrong = "0" * 64
+    result = fetch(tmp_path, f"https://127.0.0.1:{port}/file", wrong, cert)
+    assert result.returncode == 78, result.stderr  # EXIT_CONFIG: never burns the node
+    assert f"has sha256 {sha}, DISCO_TARBALL_SHA256 says {wrong}" in result.stderr
+    assert not list(tmp_path.glob("disco.tar*")) and "unpacked" not in result.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs POST_INIT as root, like a node does")
+def test_a_failing_post_init_is_the_configs_fault(tmp_path: Path) -> None:
+    script = bootstrap.render(unchecked(POST_INIT="exit 4"), "slave")
+    harness = script.replace('main "$@" </dev/null', "") + \
+        f"STATE_DIR={tmp_path}\nrun_post_init\n"
+    result = bash(harness, env={"HOME": "/root", "PATH": os.environ["PATH"]})
+    assert result.returncode == 78 and "POST_INIT failed (status 4)" in result.stderr
+    assert not (tmp_path / "post_init.sha256").exists()
