@@ -94,14 +94,17 @@ def make_session(config: Config) -> boto3.session.Session:
 
 
 def make_client(config: Config, session: boto3.session.Session | None = None) -> Any:
-    """An EC2 client with throttling retries; AWS_ENDPOINT_URL_EC2 is honoured by botocore."""
+    """An EC2 client with throttling retries, for `config.region` and `config.endpoint_url`.
+
+    The very values the cluster's lock and STATE_DIR are keyed on, so the place a pass
+    locks and the place it changes can never disagree.
+    """
     session = session or make_session(config)
-    region = config["REGION"] or session.region_name or "us-east-1"
     retries = BotoConfig(retries={"max_attempts": 10, "mode": "standard"},
                          user_agent_extra="disposabledisco")
-    kwargs: dict[str, Any] = {"region_name": region, "config": retries}
-    if config["ENDPOINT_URL"]:
-        kwargs["endpoint_url"] = config["ENDPOINT_URL"]
+    kwargs: dict[str, Any] = {"region_name": config.region, "config": retries}
+    if config.endpoint_url:
+        kwargs["endpoint_url"] = config.endpoint_url
     return session.client("ec2", **kwargs)
 
 
@@ -339,7 +342,7 @@ class _ErrorTranslator:
             hint = HINTS.get(code, "")
             if hint:
                 hint = hint.format(ami=self.config["AMI"], key=self.config["KEY_NAME"],
-                                   region=self.config["REGION"] or "the region")
+                                   region=self.config.region)
             raise AwsError(code, message, hint) from None
         if isinstance(error, NoCredentialsError):
             raise AwsError("NoCredentials", "no AWS credentials found",

@@ -254,6 +254,22 @@ def test_a_real_process_prints_one_warning_line_and_no_traceback(ec2_env, write_
     assert line.startswith("warning: 5 resource(s) under TAG_KEY 'ddtest'")
 
 
+@pytest.mark.parametrize(("region", "aws_region", "expected"), [
+    (None, None, "ENV"), ("eu-west-1", None, "eu-west-1"),
+    (None, "ap-south-1", "ap-south-1")])  # boto3 alone would take AWS_DEFAULT_REGION here
+def test_the_gateway_changes_the_place_its_lock_is_keyed_on(ec2_env, write_config,
+                                                            monkeypatch, region, aws_region,
+                                                            expected):
+    if aws_region:
+        monkeypatch.setenv("AWS_REGION", aws_region)
+    config = load_config(write_config(REGION=region))
+    client = Ec2Gateway(config).client
+    wanted = ec2_env.region if expected == "ENV" else expected
+    assert client.meta.region_name == config.region == wanted
+    assert client.meta.endpoint_url == config.endpoint_url == ec2_env.url
+    assert config.state_dir.name.startswith(f"{TAG}@{config.region}+")
+
+
 # -- build_cluster is total ------------------------------------------------------------------
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
