@@ -111,8 +111,9 @@ use_system_rebar() {
   ./master/rebar --version
 }
 
+# `deterministic` keeps the build folder's random name out of the .beam files.
 compile() {
-  make master
+  ERL_COMPILER_OPTIONS="[deterministic]" make master
   ls master/ebin/disco.app
 }
 
@@ -126,7 +127,7 @@ install_tree() {
 }
 
 # Sorted names, fixed owner and mtime (2000-01-01: Disco zips its Python package for every
-# job, and zip cannot store times before 1980): same build, same tarball bytes.
+# job, and zip cannot store times before 1980): same bundle, same tarball bytes.
 pack() {
   local target=$out/disco-installed-$want_sha.tar.gz
   tar -C "$work/stage" --sort=name --owner=0 --group=0 --numeric-owner \
