@@ -955,7 +955,116 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                  "last one counts; keep just one.")
         for key in duplicates
     ]
-    return _build(data, p, early)
+    config = _build(data, p, early)
+    local = _local_problems(config)
+    if local:
+        raise ConfigError([f"{p}: {msg}" for msg in local])
+    return config
+
+
+#: Linux limits: a path and one name in it. The cluster's folder holds names up to about
+#: 50 characters (hostkeys/.<instance id>.<random>.tmp), kept free below.
+_PATH_MAX = 4096
+_NAME_MAX = 255
+_INNER_NAMES = 64
+
+
+def _local_problems(config: Config) -> list[str]:
+    """What only this machine can tell: paths in the config that `up` would trip over
+    after it started (a STATE_DIR that is a file or cannot be made, a tarball that is a
+    folder), and a named AWS profile that does not exist. One sentence each."""
+    out = []
+    paths = {"STATE_DIR": config["STATE_DIR"], "SSH_KEY_FILE": config["SSH_KEY_FILE"]}
+    tarball = config["DISCO_TARBALL"]
+    if (config["DISCO_INSTALL"] == "tarball" and isinstance(tarball, str)
+            and not tarball.startswith(("https://", "s3://"))):
+        paths["DISCO_TARBALL"] = tarball
+    for key, value in list(paths.items()):
+        if isinstance(value, str) and value.startswith("~") and _home_missing(value):
+            user = value[1:].split("/", 1)[0]
+            out.append(f"{key} is {_show(value)}, but there is no user {_show(user)} whose "
+                       f"home ~{user} could stand for; use ~/... or an absolute path.")
+            del paths[key]
+    if "STATE_DIR" in paths:
+        out += _state_dir_problems(config)
+    if "DISCO_TARBALL" in paths:
+        out += _tarball_problems(config.resolve_path(paths["DISCO_TARBALL"]))
+    profile = config["AWS_PROFILE"]
+    if profile and not _profile_exists(profile):
+        out.append(f"AWS_PROFILE is {_show(profile)}, which is not a profile in the AWS config "
+                   "or credentials files; add it (`aws configure --profile NAME`) or fix "
+                   "the name.")
+    return out
+
+
+def _home_missing(value: str) -> bool:
+    try:
+        Path(value).expanduser()
+    except RuntimeError:  # "Could not determine home directory"
+        return True
+    return False
+
+
+def _state_dir_problems(config: Config) -> list[str]:
+    from .statefiles import StateFileError, check_dir  # noqa: PLC0415  (it imports this module)
+
+    shown = _show(config["STATE_DIR"])
+    folder = config.state_dir
+    if len(str(folder)) + _INNER_NAMES > _PATH_MAX or any(
+            len(part.encode("utf-8", "surrogateescape")) > _NAME_MAX for part in folder.parts):
+        return [f"STATE_DIR is {shown}, which with the cluster's folder makes a path too long "
+                f"for this system ({len(str(folder))} characters); use a shorter path."]
+    chain = (folder, *folder.parents)
+    at = next(i for i, p in enumerate(chain) if os.path.lexists(p))
+    if at:
+        existing, first_missing = chain[at], chain[at - 1]
+        if not existing.is_dir():
+            return [f"STATE_DIR is {shown}, but {existing} is not a folder; move it "
+                    "away or set STATE_DIR to a folder."]
+        try:  # the only sure test (root passes os.access even on /proc or a read-only disk)
+            os.mkdir(first_missing, 0o700)
+        except FileExistsError:
+            return []  # another run just made it; `up` checks it like any existing folder
+        except OSError as error:
+            return [f"STATE_DIR is {shown}, which cannot be created in {existing} "
+                    f"({error.strerror or error}); set STATE_DIR to a folder you can write to."]
+        os.rmdir(first_missing)
+        return []
+    try:
+        check_dir(folder)
+    except StateFileError as error:
+        return error.problems
+    return []
+
+
+def _tarball_problems(path: Path) -> list[str]:
+    """A local DISCO_TARBALL must be a readable regular file (a folder, a FIFO or a file
+    that cannot be read would only fail once nodes are being bootstrapped)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return [f"DISCO_TARBALL {path} does not exist; give the path of a Disco source "
+                "tarball, or an https:// or s3:// URL."]
+    except OSError as error:
+        return [f"DISCO_TARBALL {path} cannot be read ({error.strerror or error}); fix its "
+                "permissions or give another file."]
+    try:
+        mode = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    if stat.S_ISDIR(mode):
+        return [f"DISCO_TARBALL {path} is a folder, not a tarball; give the .tar.gz file "
+                "(e.g. made with `git archive`)."]
+    if not stat.S_ISREG(mode):
+        return [f"DISCO_TARBALL {path} is {_file_kind(mode)}, not a regular file; give a "
+                "tarball file."]
+    return []
+
+
+def _profile_exists(profile: str) -> bool:
+    import botocore.session  # noqa: PLC0415  (slow to import; only needed with AWS_PROFILE)
+
+    return profile in botocore.session.Session().available_profiles
 
 
 def _read_mgmt_key() -> str:

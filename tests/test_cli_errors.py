@@ -192,3 +192,90 @@ def test_fifo_and_dev_zero_do_not_hang_the_real_cli(tmp_path, target):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "not a regular file" in result.stderr
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def _file(path):
+    path.write_text("not a folder\n")
+    return str(path)
+
+
+def _open_state_dir(tmp_path):
+    """A cluster folder others can write to, where STATE_DIR/<cluster> will be."""
+    state = tmp_path / "state"
+    write(tmp_path, {**GOOD, "STATE_DIR": str(state)})
+    from disposabledisco.config import load_config  # noqa: PLC0415
+    folder = load_config(tmp_path / "config.json").state_dir
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
+    return str(state)
+
+
+def _tarball_fifo(tmp_path):
+    os.mkfifo(tmp_path / "disco.tar.gz")
+    return str(tmp_path / "disco.tar.gz")
+
+
+# (id, key, value maker (tmp_path -> value), words in the one line)
+LOCAL_PATHS = [
+    ("state dir is a file", "STATE_DIR", lambda t: _file(t / "state"), ["is not a folder"]),
+    ("state dir under a file", "STATE_DIR", lambda t: _file(t / "state") + "/sub",
+     ["is not a folder"]),
+    ("state dir not creatable", "STATE_DIR", lambda t: "/proc/disposabledisco-state",
+     ["cannot be created in /proc"]),
+    ("state dir name too long", "STATE_DIR", lambda t: str(t / ("d" * 300)), ["too long"]),
+    ("state dir path too long", "STATE_DIR", lambda t: str(t) + ("/" + "d" * 200) * 20,
+     ["too long"]),
+    ("state dir unknown user", "STATE_DIR", lambda t: "~nosuchuser-dd/state",
+     ['no user "nosuchuser-dd"', "~/..."]),
+    ("state dir others can write", "STATE_DIR", _open_state_dir,
+     ["writable by other users (mode 777)", "chmod 700"]),
+    ("tarball is a folder", "DISCO_TARBALL", lambda t: str(t), ["is a folder, not a tarball"]),
+    ("tarball is a fifo", "DISCO_TARBALL", _tarball_fifo, ["FIFO", "not a regular file"]),
+    ("tarball unknown user", "DISCO_TARBALL", lambda t: "~nosuchuser-dd/disco.tgz",
+     ['no user "nosuchuser-dd"']),
+    ("ssh key unknown user", "SSH_KEY_FILE", lambda t: "~nosuchuser-dd/.ssh/id", ["no user"]),
+    ("missing profile", "AWS_PROFILE", lambda t: "no-such-profile-dd",
+     ["not a profile", "aws configure"]),
+]
+
+
+@pytest.mark.parametrize(("key", "make", "words"), [c[1:] for c in LOCAL_PATHS],
+                         ids=[c[0] for c in LOCAL_PATHS])
+@pytest.mark.parametrize("command", [["validate"], ["up"], ["up", "--ec2-only"]])
+def test_local_paths_exit_2_in_one_line_naming_the_key(tmp_path, capsys, calls, key, make, words,
+                                                       command, monkeypatch):
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    values = {**GOOD, key: make(tmp_path)}
+    if key == "DISCO_TARBALL":
+        values["DISCO_INSTALL"] = "tarball"
+    path = write(tmp_path, values)
+    assert main([command[0], path, *command[1:]]) == 2
+    captured = capsys.readouterr()
+    (line,) = [x for x in captured.err.splitlines() if not x.startswith("warning: ")]
+    assert f": {key}" in line and all(w in line for w in words), line
+    assert captured.out == "" and calls == []
+    assert not Path("/proc/disposabledisco-state").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_local_tarball_exits_2(tmp_path, capsys, calls):
+    tarball = tmp_path / "disco.tar.gz"
+    tarball.write_bytes(b"x")
+    tarball.chmod(0)
+    path = write(tmp_path, {**GOOD, "DISCO_INSTALL": "tarball", "DISCO_TARBALL": str(tarball)})
+    assert main(["validate", path]) == 2
+    assert "DISCO_TARBALL" in capsys.readouterr().err and calls == []
+
+
+def test_validate_leaves_no_trace_of_a_state_dir_it_checked(tmp_path, capsys):
+    path = write(tmp_path, {**GOOD, "STATE_DIR": str(tmp_path / "new" / "state")})
+    assert main(["validate", path]) == 0
+    assert not (tmp_path / "new").exists()
+    assert main(["validate", write(tmp_path, {**GOOD, "STATE_DIR": str(tmp_path)})]) == 0
+
+
+def test_an_existing_profile_is_accepted(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    (tmp_path / "aws-config").write_text("[profile lab]\nregion = eu-west-1\n")
+    assert main(["validate", write(tmp_path, {**GOOD, "AWS_PROFILE": "lab"})]) == 0
