@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
@@ -38,7 +40,7 @@ from disposabledisco.plan import (
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
 BASE = {"AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "TAG_KEY": "dd",
         "INSTANCE_TYPE": "m5.large", "NUM_SLAVES": 3, "MAX_BID": "0.10"}
-_ips = iter(range(10, 250))
+_numbers = itertools.count(10)  # unbounded: the suite may run twice in one process
 
 
 def config(**overrides):
@@ -49,7 +51,7 @@ def config(**overrides):
 def node(role="slave", state="ready", *, group=None, minutes_old=60, request="auto",
          instance=True, **fields) -> Node:
     """A node as the cluster model would derive it."""
-    number = next(_ips)
+    number = next(_numbers)
     group = group or ("master" if role == "master" else "m5.large")
     created = NOW - timedelta(minutes=minutes_old)
     iid = f"i-{number:017x}" if instance and state not in ("open",) else None
@@ -64,7 +66,8 @@ def node(role="slave", state="ready", *, group=None, minutes_old=60, request="au
                 instance_id=iid, instance_state={"ready": "running", "running": "running",
                                                  "pending": "pending"}.get(state),
                 launched=created if iid else None,
-                private_ip=f"10.0.0.{number}" if iid else None, tags=tags,
+                private_ip=str(ipaddress.ip_address("10.0.0.0") + number) if iid else None,
+                tags=tags,
                 instance_tagged=bool(iid), state=state, reason=state)
     base.update(fields)
     return Node(**base)
