@@ -705,9 +705,14 @@ def _warnings(values: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:
     if values["DISCO_TARBALL"] is not None and values["DISCO_INSTALL"] != "tarball":
         out.append(f"DISCO_TARBALL is ignored because DISCO_INSTALL is "
                    f"{_show(values['DISCO_INSTALL'])}, not \"tarball\".")
+    if values["DISCO_TARBALL_SHA256"] is not None and values["DISCO_INSTALL"] != "tarball":
+        out.append(f"DISCO_TARBALL_SHA256 is ignored because DISCO_INSTALL is "
+                   f"{_show(values['DISCO_INSTALL'])}, not \"tarball\".")
     if values["DISCO_APT_SOURCE"] is not None and values["DISCO_INSTALL"] != "apt":
         out.append(f"DISCO_APT_SOURCE is ignored because DISCO_INSTALL is "
                    f"{_show(values['DISCO_INSTALL'])}, not \"apt\".")
+    elif values["DISCO_APT_SOURCE"] is not None:
+        out += _apt_source_warnings(values["DISCO_APT_SOURCE"])
     if values["TAG_KEY"] == _OLD_DEFAULT_TAG_KEY:
         out.append(f"TAG_KEY is {_show(_OLD_DEFAULT_TAG_KEY)}, the default of earlier versions "
                    "that other configs may share, and clusters sharing a TAG_KEY take each "
@@ -715,6 +720,29 @@ def _warnings(values: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:
     if values["HOST_KEY_POLICY"] == "insecure":
         out.append("HOST_KEY_POLICY is \"insecure\": SSH host keys are not checked, so use it "
                    "only for tests.")
+    return out
+
+
+#: apt source options that switch off signature checks (sources.list(5)).
+_INSECURE_APT_OPTIONS = ("trusted", "allow-insecure", "allow-weak",
+                         "allow-downgrade-to-insecure")
+
+
+def _apt_source_warnings(source: str) -> list[str]:
+    """An apt source that installs unsigned or unverifiable packages as root on every node."""
+    match = re.match(r"deb (?:\[([^\]]*)\] )?(\S+)", source)
+    if not match:
+        return []
+    options = dict(o.partition("=")[::2] for o in (match.group(1) or "").split())
+    out = [f"DISCO_APT_SOURCE sets {name}={options[name]}, so apt installs Disco without "
+           "checking its signature; remove it and use signed-by= with the repository's key."
+           for name in _INSECURE_APT_OPTIONS if name in options
+           and options[name].lower() in ("yes", "true", "")]
+    if match.group(2).startswith("http://") and "signed-by" not in options:
+        out.append("DISCO_APT_SOURCE is plain http:// without signed-by=, so any key apt "
+                   "trusts can sign what the nodes install and anyone on the path can choose "
+                   "which versions they get; add [signed-by=/usr/share/keyrings/KEY.gpg] or "
+                   "use https://.")
     return out
 
 
@@ -988,7 +1016,8 @@ def _local_problems(config: Config) -> list[str]:
     if "STATE_DIR" in paths:
         out += _state_dir_problems(config)
     if "DISCO_TARBALL" in paths:
-        out += _tarball_problems(config.resolve_path(paths["DISCO_TARBALL"]))
+        out += _tarball_problems(config.resolve_path(paths["DISCO_TARBALL"]),
+                                 config["DISCO_TARBALL_SHA256"])
     profile = config["AWS_PROFILE"]
     if profile and not _profile_exists(profile):
         out.append(f"AWS_PROFILE is {_show(profile)}, which is not a profile in the AWS config "
@@ -1037,9 +1066,10 @@ def _state_dir_problems(config: Config) -> list[str]:
     return []
 
 
-def _tarball_problems(path: Path) -> list[str]:
+def _tarball_problems(path: Path, sha256: str | None) -> list[str]:
     """A local DISCO_TARBALL must be a readable regular file (a folder, a FIFO or a file
-    that cannot be read would only fail once nodes are being bootstrapped)."""
+    that cannot be read would only fail once nodes are being bootstrapped), with the
+    DISCO_TARBALL_SHA256 the config pins, if any."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -1048,16 +1078,27 @@ def _tarball_problems(path: Path) -> list[str]:
     except OSError as error:
         return [f"DISCO_TARBALL {path} cannot be read ({error.strerror or error}); fix its "
                 "permissions or give another file."]
-    try:
+    with os.fdopen(fd, "rb") as handle:
         mode = os.fstat(fd).st_mode
-    finally:
-        os.close(fd)
-    if stat.S_ISDIR(mode):
-        return [f"DISCO_TARBALL {path} is a folder, not a tarball; give the .tar.gz file "
-                "(e.g. made with `git archive`)."]
-    if not stat.S_ISREG(mode):
-        return [f"DISCO_TARBALL {path} is {_file_kind(mode)}, not a regular file; give a "
-                "tarball file."]
+        if stat.S_ISDIR(mode):
+            return [f"DISCO_TARBALL {path} is a folder, not a tarball; give the .tar.gz file "
+                    "(e.g. made with `git archive`)."]
+        if not stat.S_ISREG(mode):
+            return [f"DISCO_TARBALL {path} is {_file_kind(mode)}, not a regular file; give a "
+                    "tarball file."]
+        if sha256 is None:
+            return []
+        digest = hashlib.sha256()
+        try:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        except OSError as error:
+            return [f"DISCO_TARBALL {path} cannot be read ({error.strerror or error}); fix its "
+                    "permissions or give another file."]
+    if digest.hexdigest() != sha256.lower():
+        return [f"DISCO_TARBALL_SHA256 is {sha256.lower()}, but {path} has sha256 "
+                f"{digest.hexdigest()}; "
+                "give the tarball you meant, or update DISCO_TARBALL_SHA256."]
     return []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import pickle
@@ -85,7 +86,8 @@ def test_schema_covers_the_contract_keys():
         "DISCO_APT_PACKAGES", "DISCO_USER", "DISCO_ROOT", "DISCO_PORT", "DISCO_SETTINGS",
         "MANAGE_HOSTS_FILE",
     }
-    ours = {"SSH_DEADLINE_SECONDS"}  # beyond DESIGN.md: how long a pass waits for SSH
+    # beyond DESIGN.md: how long a pass waits for SSH; the tarball's pinned hash
+    ours = {"SSH_DEADLINE_SECONDS", "DISCO_TARBALL_SHA256"}
     assert set(load_schema()["properties"]) == design_keys | ours | {"$schema"}
 
 
@@ -377,6 +379,10 @@ BAD = [
     ("apt source newline", {"DISCO_INSTALL": "apt",
                             "DISCO_APT_SOURCE": "deb http://x/ stable main\ndeb http://y/ a b"},
      "DISCO_APT_SOURCE", "one line"),
+    ("tarball sha256 short", {"DISCO_TARBALL_SHA256": "ab" * 31}, "DISCO_TARBALL_SHA256",
+     "64 hex digits"),
+    ("tarball sha256 not hex", {"DISCO_TARBALL_SHA256": "g" * 64}, "DISCO_TARBALL_SHA256",
+     "64 hex digits"),
     ("disco settings key", {"DISCO_SETTINGS": {"FOO": 1}}, "DISCO_SETTINGS",
      "DISCO_ or DDFS_"),
     ("disco settings value", {"DISCO_SETTINGS": {"DISCO_X": [1]}}, "DISCO_SETTINGS.DISCO_X",
@@ -720,3 +726,58 @@ def test_a_real_astral_character_is_still_text(tmp_path):
 def test_odd_unicode_in_a_message_stays_on_one_printable_line():
     (problem,) = problems_of(with_(AMI="ami-\u2028\u0085\x7f\u200b"))
     assert problem.isprintable() and len(problem.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- supply chain
+
+SHA = "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize("tarball", ["https://example.org/disco.tgz", "s3://bucket/disco.tgz"])
+def test_tarball_sha256_goes_with_a_download(tarball):
+    c = parse_config(with_(DISCO_INSTALL="tarball", DISCO_TARBALL=tarball,
+                           DISCO_TARBALL_SHA256=SHA.upper()))
+    assert c["DISCO_TARBALL_SHA256"] == SHA.upper() and c.warnings == ()
+
+
+def test_tarball_sha256_without_a_tarball_install_is_a_warning():
+    (warning,) = parse_config(with_(DISCO_TARBALL_SHA256=SHA)).warnings
+    assert warning.startswith("DISCO_TARBALL_SHA256 is ignored") and '"preinstalled"' in warning
+
+
+def test_a_local_tarball_must_match_its_sha256(tmp_path):
+    tarball = tmp_path / "disco.tgz"
+    tarball.write_bytes(b"disco source")
+    good = hashlib.sha256(b"disco source").hexdigest()
+    path = write(tmp_path, json.dumps(with_(DISCO_INSTALL="tarball", DISCO_TARBALL="disco.tgz",
+                                            DISCO_TARBALL_SHA256=good.upper())))
+    load_config(path)
+    tarball.write_bytes(b"disco source, changed")
+    (problem,) = load_problems(path)
+    assert f"DISCO_TARBALL_SHA256 is {good}, but {tarball} has sha256 " in problem
+
+
+@pytest.mark.parametrize("source,words", [
+    ("deb [trusted=yes] https://apt.example.org/disco stable main", ["trusted=yes"]),
+    ("deb [arch=amd64 allow-insecure=yes] https://apt.example.org/d ./", ["allow-insecure=yes"]),
+    ("deb [allow-weak=yes signed-by=/k.gpg] https://apt.example.org/d ./", ["allow-weak=yes"]),
+    ("deb http://apt.example.org/disco stable main", ["plain http:// without signed-by="]),
+    ("deb [arch=amd64] http://apt.example.org/disco stable main", ["plain http://"]),
+    ("deb [trusted=yes] http://apt.example.org/disco ./", ["trusted=yes", "plain http://"]),
+])
+def test_insecure_apt_sources_are_warned_about(source, words):
+    warnings = parse_config(with_(DISCO_INSTALL="apt", DISCO_APT_SOURCE=source)).warnings
+    text = " ".join(warnings)
+    assert all(w in text for w in words), warnings
+    assert all(w.startswith("DISCO_APT_SOURCE ") for w in warnings)
+    assert len(warnings) == len(words)
+
+
+@pytest.mark.parametrize("source", [
+    "deb https://apt.example.org/disco stable main",
+    "deb [signed-by=/usr/share/keyrings/disco.gpg] http://apt.example.org/disco stable main",
+    "deb [trusted=no] https://apt.example.org/disco stable main",
+    "deb file:///srv/repo ./",
+])
+def test_signed_apt_sources_are_not_warned_about(source):
+    assert parse_config(with_(DISCO_INSTALL="apt", DISCO_APT_SOURCE=source)).warnings == ()
