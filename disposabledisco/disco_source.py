@@ -5,6 +5,10 @@ the tool builds it: `assemble_bundle` fetches Disco and the Erlang dependencies 
 needs at the commits below and writes one reproducible source tarball (same commits, same
 bytes, same sha256); `build_script` renders `templates/disco_build.sh`, which a master runs
 to build that bundle with our fixes (`disco_fixes.py`) and pack the installed tree.
+
+Standard library only, no package imports: a master without this package runs the file
+itself (`python3 disco_source.py DEST [BASE_URL]`) to assemble the bundle when the user gave
+none.
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import os
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-
-from . import disco_fixes
 
 DEFAULT_BASE_URL = "https://github.com"
 TOP = "disco"
@@ -78,9 +82,14 @@ def bundle_sha256(path: Path) -> str:
 
 
 def _git(args: list[str], cwd: Path, what: str) -> bytes:
-    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=False,
-                            env={"GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1",
-                                 "HOME": str(cwd), "PATH": "/usr/bin:/bin"})
+    # No prompts, no user or system git configuration: the pins alone decide the result.
+    env = {"GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(cwd),
+           "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    try:
+        result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=False,
+                                env=env)
+    except FileNotFoundError:
+        raise BundleError("git is not installed (apt-get install git)") from None
     if result.returncode != 0:
         message = result.stderr.decode(errors="replace").strip().splitlines()
         raise BundleError(f"{what}: git {args[0]} failed: {message[-1] if message else '?'}")
@@ -147,21 +156,42 @@ def assemble_bundle(dest: Path, base_url: str = DEFAULT_BASE_URL,
             entries[parent] = (_entry(parent, folder), None)
             parent = parent.rpartition("/")[0]
     tmp = dest.with_name(f".{dest.name}.tmp")
-    with open(tmp, "wb") as raw, \
-            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as packed, \
-            tarfile.open(fileobj=packed, mode="w", format=tarfile.GNU_FORMAT) as out:
-        for name in sorted(entries):
-            info, data = entries[name]
-            out.addfile(info, io.BytesIO(data) if data is not None else None)
-    tmp.replace(dest)
+    try:
+        with open(tmp, "wb") as raw, \
+                gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as packed, \
+                tarfile.open(fileobj=packed, mode="w", format=tarfile.GNU_FORMAT) as out:
+            for name in sorted(entries):
+                info, data = entries[name]
+                out.addfile(info, io.BytesIO(data) if data is not None else None)
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return bundle_sha256(dest)
 
 
 def build_script() -> str:
     """`templates/disco_build.sh` with `disco_fixes.py` embedded: one standalone script."""
-    text = (resources.files("disposabledisco") / "templates" / "disco_build.sh").read_text()
+    package = resources.files("disposabledisco")
+    text = (package / "templates" / "disco_build.sh").read_text()
     placeholder = ('raise SystemExit("disco_build.sh is a template: '
                    'render it with disco_source.build_script()")\n')
     if text.count(placeholder) != 1:
         raise RuntimeError("disco_build.sh lost its fixes placeholder")
-    return text.replace(placeholder, Path(disco_fixes.__file__).read_text())
+    return text.replace(placeholder, (package / "disco_fixes.py").read_text())
+
+
+def main(argv: list[str]) -> int:
+    """`disco_source.py DEST [BASE_URL]`: assemble the pinned bundle, print its sha256."""
+    if len(argv) not in (1, 2):
+        print("usage: disco_source.py DEST [BASE_URL]", file=sys.stderr)
+        return 2
+    try:
+        print(assemble_bundle(Path(argv[0]), *argv[1:]))
+    except BundleError as error:
+        print(f"disco bundle: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

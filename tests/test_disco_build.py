@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from disposabledisco import disco_source
+from disposabledisco import disco_fixes, disco_source
 from disposabledisco.disco_source import PINS, BundleError, assemble_bundle, bundle_sha256
 
 pytestmark = pytest.mark.disco
@@ -178,6 +179,20 @@ def test_upstream_text_that_a_fix_does_not_expect_fails_naming_the_file(
         in result.stderr
 
 
+def test_fixes_write_nothing_when_one_does_not_apply(tmp_path: Path) -> None:
+    bundle = source_bundle()
+    names = sorted({name for name, _, _, _ in disco_fixes.FIXES})
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(read_member(bundle, f"disco/{name}"))
+    last = disco_fixes.FIXES[-1][0]
+    (tmp_path / last).write_text("upstream rewrote this file\n")
+    before = {name: (tmp_path / name).read_bytes() for name in names}
+    with pytest.raises(disco_fixes.FixError, match=f"^{last}: expected 1 occurrence"):
+        disco_fixes.apply_fixes(tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in names} == before
+
+
 def test_a_bundle_with_the_wrong_hash_is_refused(build_script: Path, tmp_path: Path) -> None:
     result = run_build(build_script, source_bundle(), tmp_path / "out", sha="0" * 64)
     assert result.returncode == 1
@@ -250,6 +265,18 @@ def test_assembled_bundle_matches_upstream_and_is_reproducible(tmp_path: Path) -
     with pytest.raises(BundleError, match=f"{PINS[3].repo} at {'f' * 40}"):
         assemble_bundle(tmp_path / "three.tar.gz", base_url, unknown)
     assert not (tmp_path / "three.tar.gz").exists()
+
+    # The module alone (as a master without this package runs it) fetches the real pins:
+    # these repositories lack them, and it says which one, exit 1, no file.
+    alone = tmp_path / "alone" / "disco_source.py"
+    alone.parent.mkdir()
+    shutil.copy(disco_source.__file__, alone)
+    result = subprocess.run([sys.executable, str(alone), str(tmp_path / "four.tar.gz"),
+                             base_url], capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"disco bundle: {base_url}/{PINS[0].repo} at "
+                                    f"{PINS[0].commit}: git fetch failed")
+    assert not (tmp_path / "four.tar.gz").exists()
 
 
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog")
