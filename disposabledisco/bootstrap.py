@@ -17,19 +17,17 @@ scripts make harmless.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import hmac
-import os
 import secrets
 import shlex
-import stat
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import statefiles
 from .disco import settings_py
 
 if TYPE_CHECKING:
@@ -93,47 +91,21 @@ DIGEST_KEY_FILE = "bootstrap.key"
 
 
 def digest_key(state_dir: Path) -> bytes:
-    """The cluster's digest key from STATE_DIR, made on first use: written to a private
-    temporary file, then linked into place, so concurrent passes agree on one key and
-    nobody reads a half-written one. Links are never followed."""
-    path = state_dir / DIGEST_KEY_FILE
-    key = _read_key(path)
-    if key is not None:
-        return key
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = state_dir / f".{DIGEST_KEY_FILE}.{secrets.token_hex(6)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32) + "\n")
-        with contextlib.suppress(FileExistsError):  # another pass made it first: use it
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    key = _read_key(path)
-    if key is None:
-        raise BootstrapError(f"{path}: could not create the bootstrap digest key")
-    return key
-
-
-def _read_key(path: Path) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise BootstrapError(f"{path}: {error.strerror} (it must be a regular file, "
-                             "not a link)") from error
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        text = handle.read(200) if stat.S_ISREG(info.st_mode) else b""
+    """The cluster's digest key from STATE_DIR, made on first use (first writer wins, so
+    concurrent passes agree on one key). Through statefiles: never via a link, only a
+    0600 file of ours with one link."""
+    path = statefiles.ensure_dir(state_dir) / DIGEST_KEY_FILE
+    text = statefiles.read_bytes(path, limit=200)
+    if text is None:
+        statefiles.write_new(path, (secrets.token_hex(32) + "\n").encode())
+        text = statefiles.read_bytes(path, limit=200) or b""
     try:
         key = bytes.fromhex(text.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         key = b""
-    if len(key) < 32 or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise BootstrapError(f"{path} is not a 0600 file of this user holding a 64-digit "
-                             "hex key: remove it (every node is then bootstrapped again)")
+    if len(key) < 32:
+        raise BootstrapError(f"{path} does not hold a 64-digit hex key: remove it (every "
+                             "node is then bootstrapped again once)")
     return key
 
 

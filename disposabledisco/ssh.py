@@ -44,7 +44,7 @@ from typing import Any, Generic, TypeVar
 
 import paramiko
 
-from . import hostkeys
+from . import hostkeys, statefiles
 
 log = logging.getLogger(__name__)
 # paramiko logs every failed handshake with a traceback; while an instance boots those are
@@ -277,7 +277,7 @@ class _NodeLogs:
         self._locks: dict[str, threading.Lock] = {}
         self._tails: dict[str, deque[str]] = {}
         if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            statefiles.ensure_dir(self.log_dir)
 
     def path(self, instance_id: str) -> Path | None:
         if self.log_dir is None:
@@ -297,11 +297,11 @@ class _NodeLogs:
             path = self.path(instance_id)
             if path is None:
                 return
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:  # never through a planted link (see statefiles)
+                fd = statefiles.open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
                 with os.fdopen(fd, "a", encoding="utf-8", errors="replace") as f:
                     f.write("".join(line + "\n" for line in text))
-            except OSError as exc:
+            except (OSError, statefiles.StateFileError) as exc:
                 log.warning("cannot write SSH log %s: %s", path, exc)
 
     def tail(self, instance_id: str, n: int) -> list[str]:
@@ -310,9 +310,13 @@ class _NodeLogs:
         if tail is not None:
             return list(tail)[-n:] if n > 0 else []
         path = self.path(instance_id)
-        if path is None or not path.exists() or n <= 0:
+        if path is None or n <= 0:
             return []
-        with open(path, encoding="utf-8", errors="replace") as f:
+        try:
+            fd = statefiles.open_file(path, os.O_RDONLY)
+        except (OSError, statefiles.StateFileError):
+            return []
+        with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
             return [line.rstrip("\n") for line in deque(f, maxlen=n)]
 
 

@@ -30,6 +30,7 @@ from disposabledisco.ssh import (
     HostKeyUnverified,
     SshError,
     SshGateway,
+    SshSettings,
     Target,
     Unreachable,
 )
@@ -580,3 +581,60 @@ def test_many_nodes_in_parallel(node_farm: NodeFarm, start_nodes, ssh_gateway_fa
     assert all(o.ok for o in outcomes.values())
     assert {o.value for o in outcomes.values()} == {n.hostname for n in many}
     assert gateway.sessions_opened == 20 and gateway.commands_run == 20
+
+
+# ---------------------------------------------------------------- an unprivileged owner's files
+@nodes
+def test_an_unprivileged_owners_files_are_written_and_read_as_that_owner(
+    node_farm: NodeFarm, start_nodes, ssh_gateway_factory
+) -> None:
+    """A folder someone else can write (the Disco user's DISCO_ROOT): root never follows
+    what is planted there; links, hard links, FIFOs and folders are refused by name."""
+    (node,) = start_nodes(1)
+    iid = node.instance_id
+    gateway = ssh_gateway_factory(command_timeout=30.0)
+
+    def sh(command: str) -> str:
+        return node_farm.exec(iid, ["sh", "-c", command]).stdout.decode()
+
+    sh("useradd -m alice && install -d -o alice -m 0755 /srv/alice && "
+       "printf 'root only\\n' > /etc/victim && chmod 0600 /etc/victim")
+    victim = sh("stat -c '%i %U %a %s' /etc/victim; sha256sum /etc/victim")
+    path = "/srv/alice/table.json"
+    with gateway.connect(target(node)) as session:
+        session.write_file(path, b'{"hosts": []}\n', 0o644, owner="alice", as_owner=True)
+        assert sh(f"stat -c '%a %U %h %F' {path}") == "644 alice 1 regular file\n"
+        assert session.read_file(path, as_user="alice") == b'{"hosts": []}\n'
+        plants = {"runuser -u alice -- ln -s /etc/victim": "symbolic link",
+                  "ln /etc/victim": "regular file (links/owner: 2|root)",  # root: the
+                  "runuser -u alice -- mkfifo": "fifo",  # kernel stops alice making it
+                  "runuser -u alice -- mkdir": "directory"}
+        for plant, found in plants.items():
+            sh(f"rm -rf {path} && {plant} {path}")
+            started = time.monotonic()
+            for attempt in (lambda: session.write_file(path, b"x", 0o644, owner="alice",
+                                                       as_owner=True),
+                            lambda: session.read_file(path, as_user="alice")):
+                with pytest.raises(CommandFailed) as refused:
+                    attempt()
+                assert f"refusing {path} on " in str(refused.value)
+                assert f"found {found}" in str(refused.value) and iid in str(refused.value)
+            assert time.monotonic() - started < 20  # a FIFO is never waited on
+            assert sh("stat -c '%i %U %a %s' /etc/victim; sha256sum /etc/victim") == victim
+        with pytest.raises(ValueError):
+            session.write_file(path, b"x", owner="root", as_owner=True)
+
+
+def test_node_logs_are_never_written_through_a_link(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    (logs / "i-0abc.log").symlink_to(victim)
+    gateway = SshGateway(SshSettings(log_dir=logs),
+                         HostKeyVerifier("insecure", HostKeyStore(tmp_path / "pins")))
+    gateway._log(Target("i-0abc", "10.0.0.1"), ["a line"])
+    assert victim.read_text() == "keep\n"
+    assert gateway.tail("i-0abc")[-1].endswith(" a line")  # kept in memory
+    fresh = SshGateway(SshSettings(log_dir=logs), gateway.verifier)
+    assert fresh.tail("i-0abc") == []  # the planted link is not read either
