@@ -16,6 +16,7 @@ import importlib.resources
 import json
 import math
 import os
+import posixpath
 import re
 import secrets
 import shlex
@@ -683,6 +684,8 @@ def _semantic_problems(data: Mapping[str, Any]) -> list[_Problem]:
                                                 f"not in REGION {_show(region)}; use a zone of "
                                                 f"that region like {region}a."))
 
+    out += _disco_account_problems(data)
+
     settings = data.get("DISCO_SETTINGS")
     if isinstance(settings, dict):
         for key in settings:
@@ -690,6 +693,67 @@ def _semantic_problems(data: Mapping[str, Any]) -> list[_Problem]:
                 parts = ("DISCO_SETTINGS", key)
                 out.append((parts, f"{_path_str(parts)} is managed by disposabledisco; "
                                    f"{_MANAGED_DISCO_SETTINGS[key]}."))
+    return out
+
+
+#: Folders the bootstrap must never create, re-own or fill as DISCO_ROOT: the system's own
+#: (FHS and Ubuntu) and the shared parents where every other service keeps its data.
+_SYSTEM_FOLDERS = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
+    "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys",
+    "/tmp", "/usr", "/usr/bin", "/usr/games", "/usr/include", "/usr/lib", "/usr/lib32",
+    "/usr/lib64", "/usr/libexec", "/usr/local", "/usr/local/bin", "/usr/local/etc",
+    "/usr/local/games", "/usr/local/include", "/usr/local/lib", "/usr/local/sbin",
+    "/usr/local/share", "/usr/local/src", "/usr/sbin", "/usr/share", "/usr/src", "/var",
+    "/var/backups", "/var/cache", "/var/crash", "/var/lib", "/var/local", "/var/lock",
+    "/var/log", "/var/mail", "/var/opt", "/var/run", "/var/snap", "/var/spool", "/var/tmp",
+    "/var/www",
+})
+#: Virtual or boot file systems: nothing of Disco's belongs anywhere below them.
+_SYSTEM_TREES = ("/boot", "/dev", "/proc", "/run", "/sys")
+#: Accounts that exist for the system or for logging in with sudo (cloud images' default
+#: users): Disco jobs run as DISCO_USER, so any of them would hand jobs that account.
+_SYSTEM_ACCOUNTS = frozenset({
+    "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp",
+    "proxy", "www-data", "backup", "list", "irc", "gnats", "nobody", "sshd",
+    "messagebus", "syslog", "_apt", "tss", "uuidd", "tcpdump", "landscape", "pollinate",
+    "lxd", "dnsmasq", "statd", "_chrony", "chrony", "ntp", "postfix", "polkitd", "usbmux",
+    "fwupd-refresh", "dhcpcd", "_rpc", "systemd-network", "systemd-resolve",
+    "systemd-timesync", "systemd-coredump", "systemd-oom", "ubuntu", "ec2-user", "admin",
+    "debian", "centos", "fedora", "rocky", "almalinux", "cloud-user",
+})
+
+
+def _disco_account_problems(data: Mapping[str, Any]) -> list[_Problem]:
+    """DISCO_ROOT and DISCO_USER are created and owned on every node as root: a system
+    folder or a privileged account there would give Disco jobs the system."""
+    out: list[_Problem] = []
+    root = data.get("DISCO_ROOT", _default("DISCO_ROOT"))
+    if isinstance(root, str) and root.startswith("/"):
+        normal = posixpath.normpath("/" + root.lstrip("/"))
+        if normal in _SYSTEM_FOLDERS or any(normal == t or normal.startswith(t + "/")
+                                            for t in _SYSTEM_TREES):
+            out.append((("DISCO_ROOT",), f"DISCO_ROOT is {_show(root)}, a system folder that "
+                                         "the nodes' bootstrap would hand to DISCO_USER; use a "
+                                         "folder of Disco's own like \"/srv/disco\"."))
+        ssh_user = data.get("SSH_USER", _default("SSH_USER"))
+        if isinstance(ssh_user, str) and normal == f"/home/{ssh_user}":
+            out.append((("DISCO_ROOT",), f"DISCO_ROOT is {_show(root)}, the home of SSH_USER "
+                                         f"{_show(ssh_user)}; use a folder of Disco's own like "
+                                         "\"/srv/disco\"."))
+    user = data.get("DISCO_USER", _default("DISCO_USER"))
+    if not isinstance(user, str):
+        return out
+    if user == data.get("SSH_USER", _default("SSH_USER")):
+        out.append((("DISCO_USER",), f"DISCO_USER is {_show(user)}, the same account as "
+                                     "SSH_USER, which has passwordless sudo, so every Disco job "
+                                     "could become root; use an account of its own like "
+                                     "\"disco\"."))
+    elif user in _SYSTEM_ACCOUNTS:
+        what = "root itself" if user == "root" else "a system or login account"
+        out.append((("DISCO_USER",), f"DISCO_USER is {_show(user)}, {what}, and Disco runs "
+                                     "every job as DISCO_USER; use an unprivileged account of "
+                                     "its own like \"disco\"."))
     return out
 
 

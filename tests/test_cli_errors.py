@@ -44,6 +44,10 @@ BAD_CONFIGS = [
     ({"AWS_ACCESS": "AKIAEXAMPLE"}, ["AWS_SECRET"]),
     ({"DISCO_SETTINGS": {"FOO": "1"}}, ["DISCO_SETTINGS"]),
     ({"KEY_NAME": None}, ["KEY_NAME"]),
+    ({"DISCO_ROOT": "/opt"}, ["DISCO_ROOT", "system folder"]),
+    ({"DISCO_USER": "root"}, ["DISCO_USER", "root itself"]),
+    ({"DISCO_USER": "ubuntu"}, ["DISCO_USER", "SSH_USER"]),
+    ({"DISCO_TARBALL_SHA256": "abc"}, ["DISCO_TARBALL_SHA256", "64 hex digits"]),
 ]
 
 
