@@ -209,13 +209,17 @@ def test_an_output_folder_others_can_write_is_refused(build_script: Path,
     assert "writable by group or others" in result.stderr and not os.listdir(out)
 
 
-def make_repo(path: Path, files: dict[str, tuple[bytes, int]]) -> str:
-    """A git repository at `path` holding `files` (name -> (bytes, mode)); its commit."""
+def make_repo(path: Path, files: dict[str, tuple[bytes, int | None]]) -> str:
+    """A git repository at `path` holding `files`: name -> (bytes, mode), or (link target,
+    None) for a symbolic link; its commit."""
     for name, (data, mode) in files.items():
         target = path / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        target.chmod(mode)
+        if mode is None:
+            target.symlink_to(data.decode())
+        else:
+            target.write_bytes(data)
+            target.chmod(mode)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "-C", str(path)]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "-A", "-f"], check=True)
@@ -224,31 +228,46 @@ def make_repo(path: Path, files: dict[str, tuple[bytes, int]]) -> str:
                           text=True).stdout.strip()
 
 
-def bundle_files(bundle: Path) -> dict[str, tuple[bytes, bool]]:
-    """Regular files of a bundle: name -> (content, executable)."""
+def bundle_files(bundle: Path) -> dict[str, tuple[bytes, int | None]]:
+    """Files and links of a bundle: name -> (content, 0o755/0o644), or (target, None)."""
     with tarfile.open(bundle) as tree:
-        return {member.name.removeprefix("./"): (tree.extractfile(member).read(),
-                                                 bool(member.mode & 0o100))
-                for member in tree if member.isfile()}
+        return {member.name.removeprefix("./"):
+                (tree.extractfile(member).read(), 0o755 if member.mode & 0o100 else 0o644)
+                if member.isfile() else (member.linkname.encode(), None)
+                for member in tree if member.isfile() or member.issym()}
 
 
-def test_assembled_bundle_matches_upstream_and_is_reproducible(tmp_path: Path) -> None:
+@dataclass
+class Upstream:
+    """Local git repositories standing in for the pinned upstream ones."""
+
+    base_url: str
+    commits: dict[str, str]  # pinned commit -> the local repository's commit
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Upstream:
+    """One local repository per pin, holding exactly that pin's part of the vendor bundle."""
     need_tools("git")
     vendor = bundle_files(source_bundle())
-    # One local repository per pin, holding exactly that pin's part of the vendor bundle.
+    root = tmp_path_factory.mktemp("upstream")
     dep_paths = [pin.path for pin in PINS if pin.path]
     commits = {}
     for pin in PINS:
         prefix = "/".join(part for part in ("disco", pin.path) if part) + "/"
-        files = {name[len(prefix):]: (data, 0o755 if executable else 0o644)
-                 for name, (data, executable) in vendor.items()
+        files = {name[len(prefix):]: entry for name, entry in vendor.items()
                  if name.startswith(prefix)
                  and not any(name.startswith(f"disco/{dep}/") for dep in dep_paths
                              if dep != pin.path)}
         assert files, pin.repo
-        commits[pin.commit] = make_repo(tmp_path / "git" / pin.repo, files)
-    base_url = f"file://{tmp_path / 'git'}"
+        commits[pin.commit] = make_repo(root / pin.repo, files)
+    return Upstream(f"file://{root}", commits)
 
+
+def test_assembled_bundle_matches_upstream_and_is_reproducible(
+        upstream: Upstream, tmp_path: Path) -> None:
+    vendor = bundle_files(source_bundle())
+    base_url, commits = upstream.base_url, upstream.commits
     first = assemble_bundle(tmp_path / "one.tar.gz", base_url, commits)
     second = assemble_bundle(tmp_path / "two.tar.gz", base_url, commits)
     assert first == second == bundle_sha256(tmp_path / "two.tar.gz")
@@ -277,6 +296,18 @@ def test_assembled_bundle_matches_upstream_and_is_reproducible(tmp_path: Path) -
     assert result.stderr.startswith(f"disco bundle: {base_url}/{PINS[0].repo} at "
                                     f"{PINS[0].commit}: git fetch failed")
     assert not (tmp_path / "four.tar.gz").exists()
+
+
+def test_the_assembled_bundle_builds_the_same_installed_tree(
+        upstream: Upstream, build_script: Path, built: tuple[Path, Build, Path],
+        tmp_path: Path) -> None:
+    bundle = tmp_path / "assembled.tar.gz"
+    sha = assemble_bundle(bundle, upstream.base_url, upstream.commits)
+    result = run_build(build_script, bundle, tmp_path / "out", sha)
+    assert result.returncode == 0, result.stderr
+    tarball = tmp_path / "out" / f"disco-installed-{sha}.tar.gz"
+    # Same sources, deterministic compile, normalised tar: the very bytes of the vendor build.
+    assert tarball.read_bytes() == built[0].read_bytes()
 
 
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog")
