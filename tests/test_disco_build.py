@@ -62,10 +62,11 @@ class Build:
 
 
 def run_build(script: Path, bundle: Path, out: Path, sha: str | None = None) -> Build:
+    """Run the build as a node would over SSH: the script on stdin of `bash -s`."""
     started = time.monotonic()
-    result = subprocess.run(["bash", str(script), str(bundle), sha or bundle_sha256(bundle),
-                             str(out)], capture_output=True, text=True, timeout=600,
-                            check=False)
+    result = subprocess.run(["bash", "-s", "--", str(bundle), sha or bundle_sha256(bundle),
+                             str(out)], input=script.read_text(), capture_output=True,
+                            text=True, timeout=600, check=False)
     return Build(result.returncode, result.stderr, time.monotonic() - started)
 
 
