@@ -120,6 +120,17 @@ def _may_have_live_instance(request: Mapping) -> bool:
         request.get("State") == "active" or code == "request-canceled-and-instance-running")
 
 
+def _created_ids(answer: Any, list_key: str, id_key: str) -> list[str]:
+    """The ids a create call answered with; an answer without them is an AwsError line."""
+    items = answer.get(list_key) if isinstance(answer, Mapping) else None
+    ids = [i.get(id_key) for i in items or () if isinstance(i, Mapping)] \
+        if isinstance(items, list) else []
+    if not ids or not all(isinstance(i, str) and i for i in ids):
+        raise AwsError("MalformedResponse", f"the answer to the create lists no {id_key}",
+                       "run again: the ClientToken makes the retry return the same request")
+    return ids
+
+
 def _chunks(items: list[str], size: int = FILTER_CHUNK) -> Iterable[list[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -194,7 +205,8 @@ class Ec2Gateway:
             pages = self.client.get_paginator(operation).paginate(
                 **kwargs, PaginationConfig={"PageSize": PAGE_SIZE})
             for page in pages:
-                items.extend(page.get(key, []))
+                found = page.get(key) if isinstance(page, Mapping) else None
+                items.extend(found if isinstance(found, list) else ())
         return items
 
     def vcpus(self, instance_types: set[str]) -> dict[str, int]:
@@ -203,15 +215,20 @@ class Ec2Gateway:
         for chunk in _chunks(wanted, 100):
             with self._errors():
                 answer = self.client.describe_instance_types(InstanceTypes=chunk)
-            for item in answer["InstanceTypes"]:
-                self._vcpus[item["InstanceType"]] = item["VCpuInfo"]["DefaultVCpus"]
+            for item in answer.get("InstanceTypes") or ():
+                info = item.get("VCpuInfo") if isinstance(item, Mapping) else None
+                count = info.get("DefaultVCpus") if isinstance(info, Mapping) else None
+                if type(count) is int and count > 0:  # else unknown, as if not listed
+                    self._vcpus[item.get("InstanceType")] = count
         return {t: self._vcpus[t] for t in instance_types if t in self._vcpus}
 
     def console_output(self, instance_id: str) -> str:
         """The instance's console text (host key fingerprints for HOST_KEY_POLICY console)."""
         with self._errors():
             answer = self.client.get_console_output(InstanceId=instance_id, Latest=True)
-        text = answer.get("Output") or ""
+        text = answer.get("Output") if isinstance(answer, Mapping) else None
+        if not isinstance(text, str):
+            return ""
         try:
             return base64.b64decode(text).decode("utf-8", "replace")
         except ValueError:
@@ -262,7 +279,7 @@ class Ec2Gateway:
             kwargs["SpotPrice"] = f"{bid:.4f}".rstrip("0").rstrip(".")
         with self._errors():
             answer = self.client.request_spot_instances(**kwargs)
-        return [r["SpotInstanceRequestId"] for r in answer["SpotInstanceRequests"]]
+        return _created_ids(answer, "SpotInstanceRequests", "SpotInstanceRequestId")
 
     def _run_on_demand(self, instance_type: str, count: int, token: str,
                        tags: list[dict]) -> list[str]:
@@ -276,7 +293,7 @@ class Ec2Gateway:
             kwargs["Placement"] = placement
         with self._errors():
             answer = self.client.run_instances(**kwargs)
-        return [i["InstanceId"] for i in answer["Instances"]]
+        return _created_ids(answer, "Instances", "InstanceId")
 
     def tag(self, instance_ids: list[str], tags: Mapping[str, str]) -> None:
         """Tag many instances in one call per 1000; retried while new ids are not visible."""
