@@ -114,7 +114,10 @@ class Foreign:
     """A resource seen under TAG_KEY that is not ours: shown to the user, never touched.
 
     `kind` is "instance" or "spot request"; `value` is its TAG_KEY value as found (None
-    when it has no such tag; not a string: its repr); `reason` says why it is not ours.
+    when it has no such tag; not a string: its repr); `reason` says why it is not ours,
+    e.g. "dd='webserver' is not master or slave", "no dd tag and no spot request of ours".
+    A record too malformed to read is listed here too: reason "malformed record: ...",
+    `resource_id` "?" when it has no usable id, `value` None.
     """
 
     resource_id: str
@@ -192,7 +195,8 @@ def build_cluster(requests: Iterable[Any], instances: Iterable[Any], tag_key: st
     instance. Total by design: a record that is not a mapping or has no string id is listed
     in `foreign` as "malformed record: ..."; a field with a missing, None or odd-typed
     value (state, type, dates, price, tags) is read as unknown; tag entries that are not
-    {"Key": str, "Value": ...} are dropped, and non-string values never become node tags.
+    {"Key": str, "Value": ...} are dropped, and non-string values never become node tags;
+    of records repeating an id the first counts; naive datetimes (`now` too) are UTC.
     Nothing here raises on data from EC2.
     """
     now = _moment(now) or datetime.now(timezone.utc)
@@ -201,12 +205,13 @@ def build_cluster(requests: Iterable[Any], instances: Iterable[Any], tag_key: st
     for instance_id, instance in judged.all_instances.items():
         if instance["request_id"]:
             instance_of.setdefault(instance["request_id"], instance_id)
+    theirs = set(judged.all_instances) - set(judged.instances)
     nodes: list[Node] = []
     claimed: set[str] = set()
     for request_id, request in judged.requests.items():
         instance_id = request["instance_id"] or instance_of.get(request_id)
         instance = judged.instances.get(instance_id) if instance_id else None
-        if instance_id in judged.foreign_instances:
+        if instance_id in theirs:
             nodes.append(_node(tag_key, desired, now, request, None, None,
                                detached=instance_id))
             continue
@@ -227,10 +232,6 @@ class _Judged:
     instances: dict[str, dict]  # ours
     all_instances: dict[str, dict]
     foreign: list[Foreign]
-
-    @property
-    def foreign_instances(self) -> set[str]:
-        return set(self.all_instances) - set(self.instances)
 
 
 def _judge(raw_requests: Iterable[Any], raw_instances: Iterable[Any],
