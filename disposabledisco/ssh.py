@@ -10,7 +10,11 @@ What it gives the rest of the tool:
   ``MissingHostKeyPolicy`` (no ``known_hosts`` file is read, nothing is auto-added
   blindly, and no strict checking is ever turned off);
 * :class:`Session` — ``run`` (scripts travel on stdin, never on the command line),
-  atomic ``write_file`` (also root-owned files via ``sudo -n install``), ``read_file``;
+  atomic ``write_file`` (also root-owned files via ``sudo -n install``, and an
+  unprivileged user's files written as that user, never through a planted link),
+  ``read_file``;
+* every failure has a fault class (:func:`fault_of`: the node's, the config's, or a
+  host-key refusal), which decides whether it counts toward replacing the node;
 * every command, its exit status and its output appended to ``LOG_DIR/<instance>.log``
   (output of ``secret=True`` calls and registered secret values never written);
 * :meth:`SshGateway.run_parallel` — a bounded pool where each target has its own

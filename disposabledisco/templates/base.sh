@@ -266,6 +266,8 @@ install_disco() {
 
 write_disco_settings() {
   install -d -m 0755 /etc/disco
+  [[ $(stat -c '%u %F' -- /etc/disco) == "0 directory" ]] ||
+    die "/etc/disco on $(node_name) is not a directory of root's: refusing to write settings there"
   {
     printf '%s' "$SETTINGS_PY"
     if [[ $ROLE == master ]]; then

@@ -30,7 +30,10 @@ main() {
   status=$(as_disco disco status </dev/null 2>&1 || true)
   if ! grep -qw running <<<"$status"; then
     log "starting Disco"
-    as_disco disco start </dev/null
+    # it fails the same way on a fresh master (settings come from the config, the rest of
+    # the node was checked by the bootstrap): the config's fault, never the master's
+    as_disco disco start </dev/null ||
+      die_config "disco start failed on $(node_name) (check DISCO_SETTINGS, DISCO_PORT and DISCO_ROOT)"
   fi
   python3 -W ignore -c "$POST_TABLE_PY" "$TABLE_URL" "$START_DEADLINE_SECONDS"
 }
