@@ -244,3 +244,64 @@ def test_doctor_report_counts_failures_not_skips() -> None:
     rows = report.to_json()["checks"]
     assert [row["ok"] for row in rows] == [True, True, False]
     assert json.loads(json.dumps(report.to_json()))["ok"] is False
+
+
+# -- exact rules the tests above leave open ----------------------------------------------
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: disco.short_name(Node(role="slave", group="g", instance_type="t",
+                                   instance_id="i-9")), "node i-9 has no private IP yet"),
+    (lambda: disco.short_name(Node(role="slave", group="g", instance_type="t", instance_id="i-9",
+                                   private_ip="fe80::1")),
+     "node i-9: private IP fe80::1 is not IPv4"),
+    (lambda: disco.check_short_name("a.b"),
+     "'a.b' is not a short host name (letters, digits, '-'; no dots)"),
+    (lambda: disco.worker_count(0, 1), "vCPU count must be positive, got 0"),
+    (lambda: disco.worker_count(2, -0.5), "multiplier must not be negative, got -0.5"),
+    (lambda: disco.host_table([("a", 1, 1), ("a", 1, 1)]), "duplicate host 'a' in the host table"),
+    (lambda: disco.host_table_json([["a", 2]]),
+     "host table row ['a', 2] must be [name, \"count\"]"),
+])
+def test_rule_errors_say_what_is_wrong(call, message) -> None:
+    with pytest.raises(ValueError) as error:
+        call()
+    assert str(error.value) == message
+
+
+def test_one_vcpu_is_enough_for_a_worker() -> None:
+    assert disco.worker_count(1, 1) == 1
+    assert disco.worker_count(1, 0.5) == 0
+
+
+def test_host_table_json_is_written_with_one_space_indent() -> None:
+    assert disco.host_table_json([["a", "2"]]) == (
+        '{\n "hosts": [\n  [\n   "a",\n   "2"\n  ]\n ],\n "blacklist": [],\n'
+        ' "gc_blacklist": []\n}\n')
+
+
+def test_erlang_args_are_the_settings_command_as_argv() -> None:
+    assert disco.erlang_args(config(), 3) == [
+        "erl", "-kernel", "inet_dist_listen_min", "30000",
+        "-kernel", "inet_dist_listen_max", "30010"]
+    custom = config(DISCO_SETTINGS={"DISCO_ERLANG": "erl -name 'x y'"})
+    assert disco.erlang_args(custom, 3) == ["erl", "-name", "x y"]
+
+
+def test_rewrite_hosts_drops_a_two_field_conflict_and_ignores_comments() -> None:
+    members = [node("10.0.0.1", "master", "master")]
+    current = ("127.0.1.1 ip-10-0-0-1\n"
+               "127.0.1.2 ip-10-0-0-1 # old # note\n"
+               "127.0.1.3 one two ip-10-0-0-1 three\n"
+               "10.9.9.9 ip-10-0-0-1-backup\n")
+    text = disco.rewrite_hosts(current, members)
+    assert text == ("127.0.1.3 one two three\n10.9.9.9 ip-10-0-0-1-backup\n"
+                    "# BEGIN disposabledisco\n10.0.0.1 ip-10-0-0-1\n# END disposabledisco\n")
+
+
+def test_rewrite_hosts_keeps_lines_after_our_block_and_drops_trailing_blank_lines() -> None:
+    members = [node("10.0.0.2")]
+    current = ("127.0.0.1 localhost\n\n# BEGIN disposabledisco\n10.0.0.7 ip-10-0-0-7\n"
+               "# END disposabledisco\n192.168.1.5 printer\n\n\n")
+    assert disco.rewrite_hosts(current, members) == (
+        "127.0.0.1 localhost\n\n192.168.1.5 printer\n"
+        "# BEGIN disposabledisco\n10.0.0.2 ip-10-0-0-2\n# END disposabledisco\n")
