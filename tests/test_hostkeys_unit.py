@@ -306,3 +306,133 @@ def test_insecure_accepts_a_type_change_and_records_the_latest(tmp_path):
     os.utime(store.path("i-1"), ns=(1, 1))
     assert verifier.verify("i-1", ADDRESS, KEYS["rsa"]) == "insecure"
     assert store.path("i-1").stat().st_mtime_ns == 1 != before  # same key: not rewritten
+
+
+# -- exact parsing rules ------------------------------------------------------------------------
+
+def blob_of(keytype: bytes, rest: bytes = b"", length: int | None = None) -> bytes:
+    return struct.pack(">I", len(keytype) if length is None else length) + keytype + rest
+
+
+@pytest.mark.parametrize(("blob", "message"), [
+    (b"\x00\x00\x00", "host key blob is too short"),
+    (struct.pack(">I", 0), "host key blob does not start with a key type"),
+    (blob_of(b"ssh-ed2", length=11), "host key blob does not start with a key type"),
+    (blob_of("ssh-é".encode()), "host key blob does not start with a key type"),
+    # read as signed, this length would be -304 and slice out exactly "ssh-ed25519"
+    (blob_of(b"ssh-ed25519", b"\x00" * 300, length=2**32 - 304),
+     "host key blob does not start with a key type"),
+])
+def test_blob_errors_are_one_value_error_with_its_reason(blob, message):
+    with pytest.raises(ValueError) as err:
+        HostKey.from_blob(blob)
+    assert type(err.value) is ValueError and str(err.value) == message
+
+
+def test_a_blob_that_is_only_its_key_type_is_read():
+    assert HostKey.from_blob(blob_of(b"ssh-ed25519")).keytype == "ssh-ed25519"
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("ssh-ed25519", "not a public key line: 'ssh-ed25519'"),
+    ("x" * 70, "not a public key line: '" + "x" * 60 + "'"),
+    ("ssh-rsa " + "!" * 70, "bad base64 in public key line: 'ssh-rsa " + "!" * 52 + "'"),
+    ("ssh-rsa " + KEYS["ed25519"].base64,
+     "key type 'ssh-rsa' does not match the key (ssh-ed25519)"),
+])
+def test_line_errors_quote_the_line_cut_at_60(line, message):
+    with pytest.raises(ValueError) as err:
+        HostKey.from_line(line)
+    assert str(err.value) == message
+
+
+def test_base64_with_stray_characters_is_refused_not_cleaned():
+    key = KEYS["ed25519"].base64
+    with pytest.raises(ValueError, match="bad base64"):
+        HostKey.from_line(f"ssh-ed25519 {key[:10]}!{key[10:]}")
+
+
+def test_known_hosts_names_may_have_any_other_character():
+    assert known_hosts_line(["HOST-X", "ip-10-0-0-4"], KEYS["rsa"]).startswith("HOST-X,ip-")
+
+
+# -- console blocks -----------------------------------------------------------------------------
+
+def test_only_what_is_inside_each_block_counts():
+    a, b, c, outsider = KEYS["ed25519"], KEYS["ecdsa"], KEYS["rsa"], OTHER_ED25519
+    begin = "-----BEGIN SSH HOST KEY FINGERPRINTS-----"
+    end = "-----END SSH HOST KEY FINGERPRINTS-----"
+    text = "\n".join([begin, a.fingerprint, end, f"256 {outsider.fingerprint} mallory",
+                      begin, b.fingerprint, end, begin, c.fingerprint, end])
+    found = parse_console_output(text)
+    assert found.fingerprints == frozenset({a.fingerprint, b.fingerprint, c.fingerprint})
+
+
+def test_a_block_still_being_written_counts_for_nothing():
+    key = KEYS["ecdsa"]
+    text = f"-----BEGIN SSH HOST KEY FINGERPRINTS-----\n256 {key.fingerprint} root@h (ECDSA)\nmore"
+    assert parse_console_output(text).empty
+
+
+def test_a_damaged_key_line_does_not_hide_the_next_one():
+    good = KEYS["rsa"]
+    text = ("-----BEGIN SSH HOST KEY KEYS-----\nssh-rsa " + KEYS["ed25519"].base64 + "\n"
+            + good.line() + "\n-----END SSH HOST KEY KEYS-----\n")
+    assert parse_console_output(text).keys == frozenset({(good.keytype, good.base64)})
+
+
+def test_console_bytes_that_are_not_utf8_are_read_around():
+    key = KEYS["ecdsa"]
+    assert parse_console_output(b"\xff\xfe garbage\n" + console(key).encode()).accepts(key)
+
+
+def test_no_console_output_accepts_no_key():
+    assert not parse_console_output(None).accepts(KEYS["rsa"])
+
+
+# -- exact verifier errors ----------------------------------------------------------------------
+
+def test_policy_errors_name_the_setting():
+    with pytest.raises(ValueError) as err:
+        HostKeyVerifier("yolo", HostKeyStore("/nonexistent"))
+    assert str(err.value) == "HOST_KEY_POLICY must be one of pin, console, insecure, not 'yolo'"
+    with pytest.raises(ValueError) as err:
+        HostKeyVerifier("console", HostKeyStore("/nonexistent"))
+    assert str(err.value) == "HOST_KEY_POLICY 'console' needs a console output reader"
+
+
+def test_console_errors_carry_the_instance_and_address(tmp_path):
+    key = KEYS["rsa"]
+    texts = {"i-1": "booting", "i-2": console(KEYS["ecdsa"])}
+    verifier = HostKeyVerifier("console", HostKeyStore(tmp_path), texts.get)
+    with pytest.raises(HostKeyPending) as pending:
+        verifier.verify("i-1", ADDRESS, key)
+    assert (pending.value.instance_id, pending.value.address) == ("i-1", ADDRESS)
+    assert str(pending.value) == (f"host key of i-1 ({ADDRESS}) not verified yet: its console "
+                                  "output shows no SSH host key fingerprints (yet)")
+    with pytest.raises(HostKeyNotInConsole) as refused:
+        verifier.verify("i-2", ADDRESS, key)
+    assert (refused.value.instance_id, refused.value.address) == ("i-2", ADDRESS)
+    assert str(refused.value) == (
+        f"host key of i-2 ({ADDRESS}) refused: it offers ssh-rsa {key.fingerprint}, which is "
+        "not among the host keys in its console output (possible man in the middle)")
+
+
+def test_an_unreadable_console_is_pending_with_the_first_line_cut_at_200(tmp_path):
+    def broken(_iid):
+        raise RuntimeError("x" * 300 + "\nsecond")
+
+    verifier = HostKeyVerifier("console", HostKeyStore(tmp_path), broken)
+    with pytest.raises(HostKeyPending) as err:
+        verifier.verify("i-1", ADDRESS, KEYS["rsa"])
+    assert (err.value.instance_id, err.value.address) == ("i-1", ADDRESS)
+    assert str(err.value) == (f"host key of i-1 ({ADDRESS}) not verified yet: cannot read its "
+                              f"console output (RuntimeError: {'x' * 200})")
+
+
+def test_the_pin_race_error_names_the_address(tmp_path):
+    offered, winner = KEYS["ed25519"], KEYS["rsa"]
+    verifier = HostKeyVerifier("pin", RacingStore(tmp_path, winner))
+    with pytest.raises(HostKeyChanged) as err:
+        verifier.verify("i-1", ADDRESS, offered)
+    assert err.value.address == ADDRESS and f"i-1 ({ADDRESS}) changed" in str(err.value)
