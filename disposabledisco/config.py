@@ -1142,7 +1142,8 @@ def _tarball_problems(path: Path, sha256: str | None) -> list[str]:
     except OSError as error:
         return [f"DISCO_TARBALL {path} cannot be read ({error.strerror or error}); fix its "
                 "permissions or give another file."]
-    with os.fdopen(fd, "rb") as handle:
+    digest = hashlib.sha256()
+    try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             return [f"DISCO_TARBALL {path} is a folder, not a tarball; give the .tar.gz file "
@@ -1152,13 +1153,13 @@ def _tarball_problems(path: Path, sha256: str | None) -> list[str]:
                     "tarball file."]
         if sha256 is None:
             return []
-        digest = hashlib.sha256()
-        try:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        except OSError as error:
-            return [f"DISCO_TARBALL {path} cannot be read ({error.strerror or error}); fix its "
-                    "permissions or give another file."]
+        for block in iter(lambda: os.read(fd, 1 << 20), b""):
+            digest.update(block)
+    except OSError as error:
+        return [f"DISCO_TARBALL {path} cannot be read ({error.strerror or error}); fix its "
+                "permissions or give another file."]
+    finally:
+        os.close(fd)
     if digest.hexdigest() != sha256.lower():
         return [f"DISCO_TARBALL_SHA256 is {sha256.lower()}, but {path} has sha256 "
                 f"{digest.hexdigest()}; "
