@@ -10,6 +10,7 @@ sshd elsewhere; these tests check the pass's own decisions in milliseconds.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import re
@@ -30,6 +31,7 @@ from disposabledisco.cluster import (
 )
 from disposabledisco.config import parse_config
 from disposabledisco.ec2 import AwsError, Observation
+from disposabledisco.hostkeys import HostKey, HostKeyStore
 from disposabledisco.plan import ApplyMembership, Bootstrap, CancelRequests, Join, Launch
 from disposabledisco.ssh import SshError
 from disposabledisco.tokens import TokenBook
@@ -54,6 +56,7 @@ class FakeEc2:
         self.instances: dict[str, dict] = {}
         self.writes: list[tuple] = []
         self.fail_launch: AwsError | None = None
+        self.launched: list[tuple] = []
         self._ids = itertools.count(1)
 
     def add_instance(self, role: str, state: str = "running", minutes_old: float = 30,
@@ -111,6 +114,7 @@ class FakeEc2:
 
     def launch(self, role, group, instance_type, count, market, bid, token) -> list[str]:
         self.writes.append(("launch", role, count, market, token))
+        self.launched.append((role, group, instance_type, count, market, bid))
         if self.fail_launch:
             raise self.fail_launch
         ids = []
@@ -143,11 +147,12 @@ class FakeWorker:
     def __init__(self, failing: set[str] = frozenset(), master_raises: bool = False) -> None:
         self.failing = set(failing)
         self.master_raises = master_raises
+        self.error: str | None = "connection refused"
         self.calls: list[tuple[str, tuple[str, ...]]] = []
 
     def _outcome(self, iid: str) -> Outcome:
         if iid in self.failing:
-            return Outcome(False, f"{iid}: connection refused", ("last log line",))
+            return Outcome(False, self.error and f"{iid}: {self.error}", ("last log line",))
         return Outcome(True)
 
     def bootstrap(self, nodes):
@@ -263,7 +268,8 @@ def test_without_ssh_node_work_is_skipped_not_failed(tmp_path):
     ec2.add_instance("master")
     report = run(cfg, ec2, None)
     assert [type(r.action) for r in report.results] == [Bootstrap, ApplyMembership]
-    assert report.results and all(r.ok and r.skipped for r in report.results)
+    assert [(r.action, r.ok, r.skipped, r.detail) for r in report.results] == [
+        (a, True, True, "node work is off for this pass") for a in report.plan.actions]
     assert not report.did_something
     assert report.exit_code == reconcile.EXIT_PROGRESSING  # not converged: not bootstrapped
 
@@ -402,7 +408,9 @@ def test_join_and_membership_skipped_when_the_master_bootstrap_failed(tmp_path):
     assert worker.calls == [("bootstrap", (master, slave))]
     join, membership = result_of(report, Join), result_of(report, ApplyMembership)
     assert (join.ok, join.skipped, join.detail) == (True, True, "master not bootstrapped yet")
-    assert (membership.skipped, membership.detail) == (True, "master not bootstrapped yet")
+    assert (membership.ok, membership.skipped, membership.detail) == (
+        True, True, "master not bootstrapped yet")
+    assert membership.ok is True and join.ok is True
     assert ec2.tags_of(slave)[TAG_BOOTSTRAP] == reconcile.desired_state(cfg).bootstrap["slave"]
     assert TAG_JOINED not in ec2.tags_of(slave)
     assert report.exit_code == reconcile.EXIT_FAILED
@@ -429,7 +437,8 @@ def test_join_with_no_bootstrapped_slave_is_skipped(tmp_path):
     worker = FakeWorker(failing={slave})
     report = run(cfg, ec2, worker)
     join = result_of(report, Join)
-    assert (join.skipped, join.detail) == (True, "no bootstrapped slave to join")
+    assert (join.ok, join.skipped, join.detail) == (True, True, "no bootstrapped slave to join")
+    assert join.ok is True
     assert "join" not in worker.kinds()
 
 
@@ -491,3 +500,147 @@ def test_a_token_book_that_is_not_an_object_is_started_afresh(tmp_path, content)
     token = TokenBook(tmp_path).token_for("c" * 40, NOW)
     assert json.loads((tmp_path / "tokens.json").read_text()) == {
         "c" * 40: {"token": token, "at": NOW.isoformat()}}
+
+
+# -- results name their action and say what happened ---------------------------------------
+
+def test_every_result_is_for_its_own_action_and_ec2_steps_report_ok(tmp_path):
+    cfg, ec2 = config(tmp_path, NUM_SLAVES=0), FakeEc2()
+    old = ec2.add_instance("master", minutes_old=90)
+    ec2.add_instance("master", minutes_old=5)  # a second master: terminated
+    ec2.add_instance("master", **{TAG_BOOTSTRAP: "x"})  # and a third
+    ec2.instances[old]["Tags"] = [t for t in ec2.instances[old]["Tags"] if t["Key"] != TAG]
+    ec2.requests["sir-x"] = {"SpotInstanceRequestId": "sir-x", "State": "active",
+                             "InstanceId": old, "Status": {"Code": "fulfilled"},
+                             "Tags": [{"Key": TAG, "Value": "master"}]}
+    rid = ec2.add_open_request(90)
+    report = run(cfg, ec2, None)
+    assert [r.action for r in report.results] == list(report.plan.actions)
+    kinds = [type(r.action).__name__ for r in report.results if r.ok is True and not r.skipped]
+    assert kinds == ["TagInstances", "CancelRequests", "Terminate"]
+    assert ("cancel", (rid,)) in ec2.writes
+
+
+def test_a_launch_sends_the_groups_parameters_and_reports_the_new_ids(tmp_path):
+    groups = [{"INSTANCE_TYPE": "c5.xlarge", "COUNT": 2, "MAX_BID": "0.25"}]
+    cfg = config(tmp_path, NUM_SLAVES=None, SLAVE_GROUPS=groups, MASTER_MARKET="on-demand")
+    ec2 = FakeEc2()
+    report = run(cfg, ec2, None)
+    assert ec2.launched == [("master", "master", "m5.large", 1, "on-demand", None),
+                            ("slave", "c5.xlarge", "c5.xlarge", 2, "spot", 0.25)]
+    details = [r.detail for r in report.results]
+    slave_ids = sorted(rid for rid, r in ec2.requests.items()
+                       if {"Key": TAG, "Value": "slave"} in r["Tags"])
+    assert details[1] == ", ".join(slave_ids) and details[0].startswith("sir-")
+
+
+def test_a_failed_launch_result_is_for_that_launch(tmp_path):
+    cfg, ec2 = config(tmp_path, NUM_SLAVES=0), FakeEc2()
+    ec2.fail_launch = AwsError("Unsupported", "no spot here", "use on-demand")
+    report = run(cfg, ec2, None)
+    assert [(r.action, r.ok, r.detail) for r in report.results] == [
+        (report.plan.actions[0], False, "EC2 Unsupported: no spot here (use on-demand)")]
+
+
+def test_a_master_that_raises_on_join_is_reported_with_its_error(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    digests = reconcile.desired_state(cfg).bootstrap
+    master = ec2.add_instance("master", **{TAG_BOOTSTRAP: digests["master"]})
+    ec2.add_instance("slave", **{TAG_BOOTSTRAP: digests["slave"]})
+    report = run(cfg, ec2, FakeWorker(master_raises=True))
+    join = result_of(report, Join)
+    assert join.ok is False and join.action is report.plan.actions[0]
+    assert join.detail == f"master {master}: {master}: connection refused"
+    assert join.node_errors == {master: f"{master}: connection refused"}
+
+
+def test_a_node_error_without_words_reads_failed(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    master = ec2.add_instance("master")
+    worker = FakeWorker(failing={master})
+    worker.error = None
+    report = run(cfg, ec2, worker)
+    bootstrap = result_of(report, Bootstrap)
+    assert bootstrap.action is next(a for a in report.plan.actions if isinstance(a, Bootstrap))
+    assert bootstrap.node_errors == {master: "failed\nlast log line"}
+    run(cfg, ec2, FakeWorker())  # bootstrapped; now only the host table fails
+    ec2.untag([master], [TAG_HOSTS])
+    membership = result_of(run(cfg, ec2, worker), ApplyMembership)
+    assert (membership.ok, membership.detail) == (False, "failed")
+    assert membership.ok is False
+    assert membership.node_errors == {master: "failed\nlast log line"}
+
+
+def test_membership_failure_detail_is_the_node_error(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    digests = reconcile.desired_state(cfg).bootstrap
+    master = ec2.add_instance("master", **{TAG_BOOTSTRAP: digests["master"]})
+    report = run(cfg, ec2, FakeWorker(failing={master}))
+    assert result_of(report, ApplyMembership).detail == f"{master}: connection refused"
+
+
+def test_a_slave_whose_bootstrap_is_redone_and_fails_leaves_the_host_table(tmp_path):
+    cfg, ec2, worker = config(tmp_path), FakeEc2(), FakeWorker()
+    for _ in range(3):
+        run(cfg, ec2, worker)
+    slave = next(i for i in ec2.instances if ec2.tags_of(i)[TAG] == "slave")
+    master = next(i for i in ec2.instances if ec2.tags_of(i)[TAG] == "master")
+    ec2.untag([slave], [TAG_BOOTSTRAP])  # joined, but its bootstrap must run again...
+    worker.failing.add(slave)  # ...and fails: it is no member until it works
+    worker.calls.clear()
+    run(cfg, ec2, worker)
+    assert worker.calls[-1] == ("membership", (master,))
+
+
+def test_the_host_table_written_for_a_removal_is_not_written_twice(tmp_path):
+    """A ready slave given up and a new one that fails its bootstrap: one table write."""
+    cfg, ec2, worker = config(tmp_path, NUM_SLAVES=2), FakeEc2(), FakeWorker()
+    for _ in range(3):
+        run(cfg, ec2, worker)
+    stuck, _kept = (i for i in ec2.instances if ec2.tags_of(i)[TAG] == "slave")
+    ec2.tag([stuck], {TAG_FAILURES: "3"})
+    new = ec2.add_instance("slave")
+    worker.failing.add(new)
+    worker.calls.clear()
+    report = run(cfg, ec2, worker)
+    memberships = [r for r in report.results if isinstance(r.action, ApplyMembership)]
+    assert [(r.ok, r.skipped) for r in memberships] == [(True, False), (True, True)]
+    assert memberships[1].detail == "host table already current"
+    assert worker.kinds().count("membership") == 1
+    assert ("terminate", (stuck,)) in ec2.writes
+
+
+# -- pinned host keys and the local tarball shape what 'joined' means -------------------------
+
+def test_a_pinned_slave_is_joined_under_its_key_digest_and_stays_converged(tmp_path):
+    cfg, ec2, worker = config(tmp_path), FakeEc2(), FakeWorker()
+    run(cfg, ec2, worker)
+    slave = next(r["InstanceId"] for r in ec2.requests.values()
+                 if {"Key": TAG, "Value": "slave"} in r["Tags"])
+    key = HostKey.from_line("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9"
+                            "okWi0dh2l9GKJl")
+    HostKeyStore(cfg.state_dir).pin(slave, key)
+    digest = hashlib.sha256(key.line().encode()).hexdigest()[:12]
+    assert reconcile.desired_state(cfg, [slave, "i-none"]).pins == {slave: digest}
+    run(cfg, ec2, worker)
+    master = next(i for i in ec2.instances if ec2.tags_of(i).get(TAG) == "master")
+    assert ec2.tags_of(slave)[TAG_JOINED] == f"{master}#{digest}"
+    assert run(cfg, ec2, worker).exit_code == reconcile.EXIT_CONVERGED
+
+
+def test_a_local_tarball_adds_its_digest_to_the_join_tag(tmp_path):
+    tarball = tmp_path / "disco.tar.gz"
+    tarball.write_bytes(b"not really a tarball")
+    sha = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    cfg = config(tmp_path, DISCO_INSTALL="tarball", DISCO_TARBALL=str(tarball),
+                 DISCO_TARBALL_SHA256=sha)
+    assert reconcile.desired_state(cfg).join_suffix == "@" + sha[:16]
+    assert reconcile.desired_state(config(tmp_path)).join_suffix == ""
+
+
+def test_observe_without_a_clock_uses_an_aware_now(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    rid = ec2.add_open_request(1)
+    cluster = reconcile.observe(cfg, ec2)  # the request's age is taken against the real clock
+    assert [n.key for n in cluster.nodes] == [rid]
+    assert cluster.nodes[0].state in ("open", "gone")
