@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from disposabledisco.config import load_config
 from disposabledisco.sandbox.endpoint import LocalEc2
 from disposabledisco.sandbox.market import SpotMarket
 from disposabledisco.sandbox.nodes import NodeFarm, generate_ed25519_key, port_open
@@ -86,8 +87,8 @@ class ClusterConfig:
 
     @property
     def state_dir(self) -> Path:
-        """The cluster's own folder under STATE_DIR (pins, logs, lock)."""
-        return Path(self.values["STATE_DIR"]) / self.tag_key
+        """The cluster's own folder under STATE_DIR (pins, logs, lock), as the tool names it."""
+        return load_config(self.path).state_dir
 
     @property
     def log_dir(self) -> Path:
