@@ -31,10 +31,12 @@ from disposabledisco.plan import (
     Launch,
     TagInstances,
     Terminate,
+    hourly_cost,
     launch_key,
     multipliers,
     plan,
     plan_down,
+    unresponsive,
 )
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
@@ -507,3 +509,158 @@ def test_a_failed_request_blocks_even_without_the_bad_parameters_code():
                   instance=False)
     p = plan(cfg, converged(cfg, [failed]), NOW)
     assert launches(p) == [] and len(p.problems) == 1
+
+
+# -- what the report says: reasons and descriptions ---------------------------------------
+
+def test_each_action_says_why_in_the_report():
+    cfg = config(NUM_SLAVES=2, UNRESPONSIVE_MINUTES=15)
+    master = node("master")
+    stuck = node(tags={"dd": "slave", TAG_GROUP: "m5.large", TAG_FAILURES: "3"})
+    fresh = node(state="running", instance_tagged=False)
+    p = plan(cfg, Cluster((*converged(cfg, [stuck], master).nodes, fresh)), NOW)
+    assert [(type(a).__name__, a.reason) for a in p.actions] == [
+        ("TagInstances", "fulfilled spot instance carries no cluster tag yet"),
+        ("ApplyMembership", "remove leaving slaves from Disco before terminating them"),
+        ("CancelRequests", "cancel before terminating or re-bidding"),
+        ("Terminate", "not wanted, lost or unresponsive"),
+        ("Launch", "1 of 2 m5.large slave(s) live"),
+        ("Bootstrap", "running but not bootstrapped with the current config"),
+        ("Join", "slave not yet joined to this master"),
+        ("ApplyMembership", "membership changed or not applied yet")]
+    assert p.actions[1].master_id == master.instance_id
+    assert p.actions[1].member_ids == (master.instance_id,)
+    assert launches(plan(cfg, Cluster(()), NOW))[0] == ("master", "master", 1, "spot")
+    assert only(plan(config(NUM_SLAVES=0), Cluster(()), NOW), Launch).reason == "no master"
+
+
+def test_the_fallback_reason_names_the_timeout():
+    cfg = config(NUM_SLAVES=1, SPOT_FALLBACK="on-demand", SPOT_OPEN_TIMEOUT_MINUTES=7)
+    stale = node(state="gone", request_state="open", instance=False, minutes_old=30)
+    assert only(plan(cfg, converged(cfg, [stale]), NOW), Launch).reason == (
+        "0 of 1 m5.large slave(s) live; spot bids open over 7 min, falling back to on-demand")
+
+
+def test_down_says_why():
+    p = plan_down(Cluster((node(),)))
+    assert [a.reason for a in p.actions] == ["down: cancel every open or active request",
+                                             "down: terminate every instance"]
+
+
+def test_action_descriptions():
+    assert TagInstances("", ("i-1", "i-2"), "slave", "g").describe() == \
+        "tag 2 slave instance(s) i-1, i-2"
+    assert CancelRequests("", ("sir-1", "sir-2")).describe() == \
+        "cancel spot request(s) sir-1, sir-2"
+    assert Terminate("", ("i-1", "i-2")).describe() == "terminate i-1, i-2"
+    assert Launch("", "slave", "g", "c5.large", 3, "spot", 0.125, "k").describe() == \
+        "bid 0.125 USD/h for 3 × c5.large (slave)"
+    assert Launch("", "master", "master", "m5.large", 1, "on-demand", None, "k").describe() == \
+        "launch on-demand 1 × m5.large (master)"
+    assert Bootstrap("", ("i-1", "i-2")).describe() == "bootstrap i-1, i-2"
+    assert Join("", "i-m", ("i-1", "i-2")).describe() == "join i-1, i-2 to master i-m"
+    assert ApplyMembership("", "i-m", ("i-m", "i-1")).describe() == \
+        "update host table on i-m: 2 host(s)"
+
+
+# -- rules the tables above leave open ------------------------------------------------------
+
+def test_hourly_cost_is_the_bid_else_the_groups_max_bid_else_nothing():
+    cfg = config(MASTER_MARKET="on-demand", MAX_BID="0.10")
+    assert hourly_cost(cfg, node(bid=0.3)) == 0.3
+    assert hourly_cost(cfg, node(bid=None)) == 0.1
+    assert hourly_cost(cfg, node("master", bid=None)) == 0.0
+    assert hourly_cost(cfg, node(group="gone-group", bid=None)) == 0.0
+
+
+def test_budget_counts_a_live_node_without_a_bid_at_its_groups_max_bid():
+    cfg = config(NUM_SLAVES=2, MAX_HOURLY_COST="0.25")
+    on_demand = node(bid=None, market="on-demand")
+    p = plan(cfg, converged(cfg, [on_demand]), NOW)
+    assert launches(p) == [] and "allows 0 of the 1" in p.problems[0]
+
+
+def test_budget_charges_each_kept_launch_before_the_next_group():
+    groups = [{"INSTANCE_TYPE": "m5.large", "COUNT": 1},
+              {"INSTANCE_TYPE": "c5.xlarge", "COUNT": 2, "MAX_BID": "0.1"}]
+    cfg = config(NUM_SLAVES=None, SLAVE_GROUPS=groups, MAX_HOURLY_COST="0.30")
+    p = plan(cfg, converged(cfg, []), NOW)  # the master costs 0.1 already
+    assert launches(p) == [("slave", "m5.large", 1, "spot"), ("slave", "c5.xlarge", 1, "spot")]
+
+
+def test_stopping_and_stopped_instances_are_terminated_and_open_requests_cancelled():
+    cfg = config(NUM_SLAVES=1)
+    stopping = node(state="gone", instance_state="stopping", request_state="open")
+    stopped = node(state="gone", instance_state="stopped", request=None, market="on-demand")
+    p = plan(cfg, converged(cfg, [node(), stopping, stopped]), NOW)
+    assert only(p, Terminate).instance_ids == (stopping.instance_id, stopped.instance_id)
+    assert only(p, CancelRequests).request_ids == (stopping.request_id,)
+
+
+def test_an_unresponsive_on_demand_node_is_terminated_without_a_cancel():
+    cfg = config(NUM_SLAVES=0, MASTER_MARKET="on-demand")
+    master = node("master", request=None, market="on-demand",
+                  tags={"dd": "master", TAG_GROUP: "master", TAG_FAILURES: "3"})
+    p = plan(cfg, Cluster((master,)), NOW)
+    assert kinds(p) == ["Terminate", "Launch"]
+
+
+def test_a_ready_node_failing_three_times_is_replaced_too():
+    cfg = config(NUM_SLAVES=1)
+    broken = node(tags={"dd": "slave", TAG_GROUP: "m5.large", TAG_FAILURES: "3"})
+    p = plan(cfg, converged(cfg, [broken]), NOW)
+    assert only(p, Terminate).instance_ids == (broken.instance_id,)
+
+
+def test_a_slave_that_never_became_ready_leaves_without_a_table_update():
+    cfg = config(NUM_SLAVES=1)
+    stuck = node(state="running", tags={"dd": "slave", TAG_GROUP: "m5.large", TAG_FAILURES: "3"})
+    p = plan(cfg, converged(cfg, [stuck]), NOW)
+    assert kinds(p) == ["CancelRequests", "Terminate", "Launch"]
+
+
+@pytest.mark.parametrize(("minutes", "gone"), [(14, False), (15, True)])
+def test_unresponsive_minutes_boundary(minutes, gone):
+    cfg = config(UNRESPONSIVE_MINUTES=15)
+    since = (NOW - timedelta(minutes=minutes)).isoformat()
+    assert unresponsive(cfg, node(tags={TAG_UNREACHABLE: since}), NOW) is gone
+
+
+@pytest.mark.parametrize(("tags", "gone"), [
+    ({TAG_UNREACHABLE: "yesterday"}, False), ({TAG_FAILURES: "many"}, False),
+    ({TAG_FAILURES: "2"}, False), ({TAG_FAILURES: "3"}, True), ({}, False)])
+def test_unresponsive_reads_damaged_tags_as_nothing(tags, gone):
+    assert unresponsive(config(), node(tags=tags), NOW) is gone
+
+
+def test_scale_down_gives_up_a_pending_node_before_an_older_ready_one():
+    cfg = config(NUM_SLAVES=1)
+    ready, pending = node(minutes_old=5), node(state="pending", minutes_old=50)
+    p = plan(cfg, converged(cfg, [ready, pending]), NOW)
+    assert only(p, Terminate).instance_ids == (pending.instance_id,)
+
+
+def test_an_old_bad_parameters_request_is_no_problem_once_the_group_is_full():
+    cfg = config(NUM_SLAVES=1)
+    failed = node(state="gone", request_state="failed", status_code="bad-parameters",
+                  instance=False)
+    p = plan(cfg, converged(cfg, [node(), failed]), NOW)
+    assert p.problems == () and p.actions == ()
+
+
+def test_fallback_counts_only_stale_bids_of_its_own_group():
+    groups = [{"INSTANCE_TYPE": "m5.large", "COUNT": 1}, {"INSTANCE_TYPE": "c5.xlarge", "COUNT": 1}]
+    cfg = config(NUM_SLAVES=None, SLAVE_GROUPS=groups, SPOT_FALLBACK="on-demand")
+    stale = node(state="gone", request_state="open", instance=False, minutes_old=30,
+                 group="c5.xlarge", instance_type="c5.xlarge")
+    p = plan(cfg, converged(cfg, [stale]), NOW)
+    assert launches(p) == [("slave", "m5.large", 1, "spot"), ("slave", "c5.xlarge", 1, "on-demand")]
+
+
+def test_launch_key_is_40_hex_and_ignores_other_groups():
+    group = config().slave_groups[0]
+    key = launch_key("dd", group, 2, "spot", Cluster((node(),)))
+    assert len(key) == 40 and int(key, 16) >= 0
+    other = node(group="c5.xlarge", instance_type="c5.xlarge")
+    assert launch_key("dd", group, 1, "spot", Cluster((other,))) == \
+        launch_key("dd", group, 1, "spot", Cluster(()))
