@@ -441,3 +441,48 @@ def test_cluster_queries_by_role_group_and_liveness():
 
 def test_node_key_falls_back_to_a_question_mark():
     assert Node(role="slave", group="g", instance_type="t").key == "?"
+
+
+# -- dates, prices and a spot instance not tagged yet --------------------------------------------
+
+@pytest.mark.parametrize(("created", "expected"), [
+    ((NOW - timedelta(minutes=30)).isoformat(), ("gone", "open too long (price-too-low)")),
+    ((NOW - timedelta(minutes=3)).isoformat(), ("open", "price-too-low")),
+    # 12:00 at +02:00 is 10:00 UTC: two hours old, not fresh
+    (datetime(2026, 11, 21, 12, 0, tzinfo=timezone(timedelta(hours=2))),
+     ("gone", "open too long (price-too-low)")),
+    (datetime(2026, 11, 21, 11, 55), ("open", "price-too-low")),  # naive: read as UTC
+])
+def test_request_dates_as_strings_other_zones_or_naive(created, expected):
+    req = request(state="open", code="price-too-low")
+    req["CreateTime"] = created
+    assert state(one([req])) == expected
+
+
+def test_without_a_clock_build_cluster_uses_the_current_time():
+    fresh = request(state="open", code="price-too-low")
+    fresh["CreateTime"] = datetime.now(timezone.utc)
+    node = build_cluster([fresh], [], TAG, DESIRED, None).nodes[0]
+    assert state(node) == ("open", "price-too-low")
+
+
+@pytest.mark.parametrize(("price", "bid"), [("0.25", 0.25), ("0", None), ("-1", None),
+                                            ("", None)])
+def test_only_a_positive_spot_price_is_a_bid(price, bid):
+    assert one([request(state="open", price=price)]).bid == bid
+
+
+def test_a_request_without_a_type_gives_an_empty_type():
+    req = request(state="open")
+    del req["LaunchSpecification"]["InstanceType"]
+    node = one([req])
+    assert (node.instance_type, node.group) == ("", "")
+
+
+@pytest.mark.parametrize("side", ["request", "instance"])
+def test_an_untagged_spot_instance_takes_its_role_from_its_request(side):
+    req = request(instance_id="i-1" if side == "request" else None, role="master")
+    inst = instance(rid="sir-1" if side == "instance" else None, role=None, group=None)
+    node = one([req], [inst])
+    assert (node.role, node.group, node.instance_tagged) == ("master", "master", False)
+    assert state(node) == ("running", "waiting for bootstrap")

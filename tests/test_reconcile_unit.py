@@ -644,3 +644,14 @@ def test_observe_without_a_clock_uses_an_aware_now(tmp_path):
     cluster = reconcile.observe(cfg, ec2)  # the request's age is taken against the real clock
     assert [n.key for n in cluster.nodes] == [rid]
     assert cluster.nodes[0].state in ("open", "gone")
+
+
+@pytest.mark.parametrize("record", [
+    "not a record", {"token": "dd-x"}, {"at": NOW.isoformat()}, {"token": 1, "at": "x"},
+    {"token": "dd-x", "at": "yesterday"}, {"token": "dd-x", "at": "2026-11-21T12:00:00"}])
+def test_hand_edited_token_records_are_dropped_not_a_crash(tmp_path, record):
+    (tmp_path / "tokens.json").write_text(json.dumps({"k" * 40: record}))
+    token = TokenBook(tmp_path).token_for("k" * 40, NOW)
+    assert token.startswith("dd-kkkk") and token != record
+    assert json.loads((tmp_path / "tokens.json").read_text()) == {
+        "k" * 40: {"token": token, "at": NOW.isoformat()}}
