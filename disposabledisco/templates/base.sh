@@ -113,7 +113,7 @@ ensure_disco_user() {
   uid=$(id -u "$DISCO_USER")
   ((uid != 0)) || die_config "DISCO_USER $DISCO_USER has uid 0 on $(node_name): pick an unprivileged user name"
   if ((uid < $(uid_min))) && [[ ! -f $marker || $(<"$marker") != "$DISCO_USER:$uid" ]]; then
-    die_config "DISCO_USER $DISCO_USER is an existing system account (uid $uid) on $(node_name) that disposabledisco did not create: pick a new user name"
+    die_config "DISCO_USER $DISCO_USER is an existing system account (uid $uid) on $(node_name) that disposabledisco did not create: pick a new user name (if an older disposabledisco made it, record that: echo $DISCO_USER:$uid | sudo tee $marker)"
   fi
   [[ $(getent passwd "$DISCO_USER" | cut -d: -f7) == /bin/bash ]] ||
     usermod --shell /bin/bash "$DISCO_USER"
