@@ -305,3 +305,10 @@ def test_rewrite_hosts_keeps_lines_after_our_block_and_drops_trailing_blank_line
     assert disco.rewrite_hosts(current, members) == (
         "127.0.0.1 localhost\n\n192.168.1.5 printer\n"
         "# BEGIN disposabledisco\n10.0.0.2 ip-10-0-0-2\n# END disposabledisco\n")
+
+
+def test_settings_file_is_a_header_then_one_line_per_setting() -> None:
+    text = disco.settings_py(config(), 2)
+    assert text.splitlines()[0] == (
+        "# Written by disposabledisco; changes are overwritten on the next bootstrap.")
+    assert len(text.splitlines()) == 1 + len(disco.settings_values(config(), 2))

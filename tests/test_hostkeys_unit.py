@@ -436,3 +436,10 @@ def test_the_pin_race_error_names_the_address(tmp_path):
     with pytest.raises(HostKeyChanged) as err:
         verifier.verify("i-1", ADDRESS, offered)
     assert err.value.address == ADDRESS and f"i-1 ({ADDRESS}) changed" in str(err.value)
+
+
+def test_a_pin_file_with_bytes_that_are_not_utf8_in_a_comment_still_reads(tmp_path):
+    store = HostKeyStore(tmp_path)
+    store.pin("i-1", KEYS["ecdsa"])
+    store.path("i-1").write_bytes(b"# \xff\xfe by hand\n" + KEYS["ecdsa"].line().encode() + b"\n")
+    assert store.get("i-1") == KEYS["ecdsa"]
