@@ -12,7 +12,11 @@ try:
 except ImportError:  # running from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disposabledisco.cli import main
+from disposabledisco.deps import require
+
+require()  # one line naming what to install, before cli imports boto3/jsonschema/paramiko
+
+from disposabledisco.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main(["up", *sys.argv[1:]]))

@@ -13,6 +13,9 @@ def _main() -> int:
     # Run from a checkout without installing: make the package next to this file importable.
     if importlib.util.find_spec("disposabledisco") is None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from disposabledisco.deps import require
+
+    require()  # one line naming what to install, not a traceback from cli's imports
     from disposabledisco.cli import main
 
     return main(["init", *sys.argv[1:]])
