@@ -14,9 +14,12 @@ tests/test_reconcile_unit.py, in milliseconds.
 
 from __future__ import annotations
 
+import io
 import shlex
+import tarfile
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +40,7 @@ from tests.node_fixtures import (  # noqa: F401 - pytest fixtures
     start_nodes,
 )
 from tests.test_provision import (  # noqa: F401 - the autouse fixture skips without packages
+    FAKE_DISCO,
     _machine_has_packages,
     all_ok,
     cluster_nodes,
@@ -301,3 +305,33 @@ def test_fault_classes_of_failures() -> None:
     assert fault_of(CommandFailed(target, "bash -s", 1, "refusing /home/disco/x")) == "node"
     assert fault_of(BootstrapError("DISCO_TARBALL /x: no such file")) == "config"
     assert fault_of(TimeoutError()) == "node" and fault_of(None) == "node"
+
+
+@pytest.mark.nodes
+def test_tarball_is_never_unpacked_through_folders_other_users_can_write(
+        one_node, node_farm: NodeFarm, tmp_path) -> None:  # noqa: F811
+    """Root's tar follows a link it meets on the way to a member: DISCO_ROOT, the Disco
+    user's home and the temp folders are skipped, whatever the tarball holds."""
+    node, bootstrap = one_node
+    sh(node_farm, node, f"mkdir -m 0755 {VICTIM_DIR}")
+    first = tarball(tmp_path / "first.tar.gz", [])
+    assert bootstrap(DISCO_INSTALL="tarball", DISCO_TARBALL=str(first)).ok
+    inside = ["srv/disco/ddfs", "home/disco/sub", "tmp/dd-planted"]
+    for folder in inside:
+        sh(node_farm, node, f"runuser -u disco -- ln -s {VICTIM_DIR} /{folder}")
+    second = tarball(tmp_path / "second.tar.gz", [f"{folder}/evil" for folder in inside])
+    outcome = bootstrap(DISCO_INSTALL="tarball", DISCO_TARBALL=str(second))
+    assert outcome.ok, outcome.error
+    assert sh(node_farm, node, f"ls -A {VICTIM_DIR}") == ""
+    assert sh(node_farm, node, "cat /usr/local/bin/disco") == FAKE_DISCO  # the rest is there
+
+
+def tarball(path: Path, extra: list[str]) -> Path:
+    """An installed-tree tarball: the stand-in disco command plus `extra` files."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data, mode in [("usr/local/bin/disco", FAKE_DISCO.encode(), 0o755),
+                                 *((name, b"evil\n", 0o644) for name in extra)]:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
+    return path

@@ -149,8 +149,15 @@ verify_disco_path() {
 }
 
 # Unpack an installed Disco tree at / (same path on every node), once per tarball content.
+# tar as root follows a link it meets on the way to a member, so folders other users can
+# write (DISCO_ROOT, the Disco user's home, the temp folders) are skipped: Disco makes
+# what it needs in DISCO_ROOT itself, as its user.
 unpack_tarball() {
-  local file=$1 expected=${2:-} sum
+  local file=$1 expected=${2:-} sum dir home skip=()
+  home=$(getent passwd "$DISCO_USER" | cut -d: -f6)
+  for dir in "$DISCO_ROOT" "$home" /tmp /var/tmp /dev/shm; do
+    [[ -z ${dir#/} ]] || skip+=("--exclude=${dir#/}")
+  done
   sum=$(sha256sum "$file" | cut -d' ' -f1)
   [[ -z $expected || $sum == "$expected" ]] ||
     die "$file has sha256 $sum, expected $expected (DISCO_TARBALL changed or upload damaged)"
@@ -159,7 +166,7 @@ unpack_tarball() {
     return
   fi
   log "unpacking Disco tarball $sum at /"
-  tar -xf "$file" -C / --no-same-owner --no-overwrite-dir
+  tar -xf "$file" -C / --no-same-owner --no-overwrite-dir "${skip[@]}"
   compile_disco_quietly
   printf '%s\n' "$sum" | write_file 0644 root:root "$STATE_DIR/tarball.sha256"
 }
