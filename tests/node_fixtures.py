@@ -28,7 +28,7 @@ from disposabledisco.sandbox.nodes import (
     Node,
     NodeFarm,
     generate_ed25519_key,
-    port_open,
+    taken_addresses,
 )
 
 SUBNET = "127.10.0"
@@ -84,25 +84,16 @@ def candidate_addresses(subnet: str = SUBNET) -> list[str]:
 
 def start_n_nodes(farm: NodeFarm, count: int, subnet: str = SUBNET) -> list[Node]:
     """Start ``count`` nodes at once on free addresses of ``subnet``, skipping addresses
-    where something outside the farm already listens (another engineer's test run)."""
-    busy: set[str] = set()
+    that a node of any farm on this machine has (another engineer's test run) or where a
+    process of the machine listens on port 22."""
     for _ in range(5):
-        used = {n.address for n in farm.nodes.values()} | busy
-        addresses = []
-        for address in candidate_addresses(subnet):
-            if address in used:
-                continue
-            if port_open(address, 22, timeout=0.2):
-                busy.add(address)
-                continue
-            addresses.append(address)
-            if len(addresses) == count:
-                break
+        taken = taken_addresses()
+        addresses = [a for a in candidate_addresses(subnet) if a not in taken][:count]
         if len(addresses) < count:
             raise RuntimeError(f"not {count} free addresses left in {subnet}.0/24")
         try:
             return farm.start_many((next_instance_id(), a) for a in addresses)
-        except AddressInUse:  # lost a race with another sshd: pick again
+        except AddressInUse:  # lost a race with another farm: look again
             continue
     raise RuntimeError(f"could not find {count} free addresses in {subnet}.0/24")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +22,7 @@ from disposabledisco.sandbox.nodes import (
     NodeFarm,
     ec2_hostname,
     port_open,
+    taken_addresses,
 )
 from tests.node_fixtures import candidate_addresses, next_instance_id
 
@@ -37,10 +40,28 @@ def ns_pids(farm: NodeFarm, instance_id: str) -> list[int]:
 
 
 def free_address(subnet: str = "127.10.7") -> str:
+    taken = taken_addresses()
     for address in candidate_addresses(subnet):
-        if not port_open(address):
+        if address not in taken:
             return address
     raise RuntimeError("no free address")
+
+
+def machine_links() -> set[str]:
+    """Network interfaces of the machine's (the test's) network namespace."""
+    return set(os.listdir("/sys/class/net"))
+
+
+def local_routes() -> str:
+    return subprocess.run(["ip", "-o", "route", "show", "table", "local"], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def hub_links(farm: NodeFarm) -> set[str]:
+    """Interfaces inside the farm's hub namespace (bridge, uplink end, node veths)."""
+    out = subprocess.run(["nsenter", f"--net=/proc/{farm._hub.pid}/ns/net", "ip", "-o",
+                          "link"], check=True, capture_output=True, text=True)
+    return {line.split(": ")[1].split("@")[0] for line in out.stdout.splitlines()}
 
 
 def test_ec2_hostname() -> None:
@@ -182,6 +203,11 @@ def test_start_errors_are_clear(node_farm: NodeFarm, start_nodes) -> None:
         node_farm.start(next_instance_id(), "10.0.0.4")
     with pytest.raises(NodeError, match="safe name"):
         node_farm.start("../etc", "127.10.7.200")
+    # the subnet's .1 is the machine's end of the node network; 127.0.0.1 is the machine's
+    with pytest.raises(NodeError, match=r"gateway \(\.1\).* of 127\.10\.7\.0/24"):
+        node_farm.start(next_instance_id(), "127.10.7.1")
+    with pytest.raises(NodeError, match="machine's own loopback"):
+        node_farm.start(next_instance_id(), "127.0.0.9")
     # the same launch reported twice is not an error
     assert node_farm.start(node.instance_id, node.address) is node
 
@@ -234,7 +260,8 @@ def test_market_callbacks_and_sync(node_farm: NodeFarm) -> None:
 
 
 def test_fifty_nodes_start_together(node_farm: NodeFarm) -> None:
-    addresses = [a for a in candidate_addresses("127.10.5") if not port_open(a)][:50]
+    taken = taken_addresses()
+    addresses = [a for a in candidate_addresses("127.10.5") if a not in taken][:50]
     started = time.monotonic()
     nodes = node_farm.start_many((next_instance_id(), a) for a in addresses)
     took = time.monotonic() - started
@@ -265,20 +292,24 @@ def test_nodes_die_with_their_owner_process(client_key, tmp_path: Path) -> None:
         # started from a short-lived thread, like an HTTP handler calling on_launch
         t = threading.Thread(target=farm.on_launch, args=("i-orphan", {address!r}))
         t.start(); t.join()
-        print(farm.node("i-orphan").init_pid, flush=True)
+        print(farm.node("i-orphan").init_pid, farm._hub.pid, farm._hub.uplink, flush=True)
         threading.Event().wait()
     """)
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
-        init_pid = int(child.stdout.readline())
+        init_pid, hub_pid, uplink = child.stdout.readline().split()
         assert port_open(address)
+        assert uplink in machine_links() and address in local_routes()
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
     deadline = time.monotonic() + 10
-    while port_open(address) or Path(f"/proc/{init_pid}").exists():
-        assert time.monotonic() < deadline, "the node outlived its owner"
+    # the node, the hub and with them the bridge, the veths, the uplink and the routes
+    while (port_open(address) or Path(f"/proc/{init_pid}").exists()
+           or Path(f"/proc/{hub_pid}").exists() or uplink in machine_links()
+           or address in local_routes()):
+        assert time.monotonic() < deadline, "the node or its network outlived its owner"
         time.sleep(0.05)
 
 
@@ -295,3 +326,109 @@ def test_stale_farm_directories_are_reaped() -> None:
         with NodeFarm("ssh-ed25519 AAAA unused") as other:
             assert farm.workdir.exists() and other.workdir.exists()
     assert not farm.workdir.exists()
+
+
+# ---------------------------------------------------------------- one network per node
+ERL_PING = ("Ping = fun Loop(_, 0) -> pang; Loop(N, K) -> case net_adm:ping(N) of "
+            "pong -> pong; pang -> timer:sleep(200), Loop(N, K - 1) end end, "
+            "io:format(\"~p~n\", [Ping(list_to_atom(hd(init:get_plain_arguments())), 50)]), "
+            "halt().")
+
+
+def test_each_node_has_its_own_network(node_farm: NodeFarm, start_nodes) -> None:
+    """Own loopback, port space and epmd per node, the address on eth0, reachable from
+    the machine and from each other: what two Disco hosts need."""
+    a, b = start_nodes(2)
+    for node in (a, b):
+        addresses = sh(node_farm, node.instance_id, "ip -o -4 addr show | awk '{print $2, $4}'")
+        assert addresses.split("\n")[:2] == ["lo 127.0.0.1/8", f"eth0 {node.address}/24"]
+        # Erlang takes the first name of the address line: the node's own short name
+        line = sh(node_farm, node.instance_id, f"grep '^{node.address} ' /etc/hosts")
+        assert line.split() == [node.address, node.hostname]
+    # a server on 0.0.0.0 of one node answers at that node only, from anywhere
+    port = 8989
+    sh(node_farm, a.instance_id, f"setsid python3 -m http.server {port} --bind 0.0.0.0"
+                                 " </dev/null >/dev/null 2>&1 &")
+    deadline = time.monotonic() + 10
+    while not port_open(a.address, port):
+        assert time.monotonic() < deadline, "the server in node a never listened"
+        time.sleep(0.05)
+    assert not port_open(b.address, port) and not port_open("127.0.0.1", port, timeout=0.5)
+    probe = ("import socket, sys\nfor port in sys.argv[2:]:\n"
+             "    try:\n        socket.create_connection((sys.argv[1], int(port)), 2).close()"
+             "; print(port, 'open')\n"
+             "    except OSError as e:\n        print(port, type(e).__name__)\n")
+    seen = sh(node_farm, b.instance_id, f"python3 -c {shlex.quote(probe)} {a.address} 22 {port}")
+    assert seen.split() == ["22", "open", str(port), "open"]
+    seen = sh(node_farm, a.instance_id, f"python3 -c {shlex.quote(probe)} {b.address} {port}")
+    assert seen.split() == [str(port), "ConnectionRefusedError"]
+    # the same Erlang node name on both (one epmd each), and they ping each other
+    if shutil.which("erl") is None:
+        return
+    for node in (a, b):
+        sh(node_farm, node.instance_id, f"HOME=/root erl -name same@{node.address} "
+                                         "-setcookie ddtest -detached -noshell")
+    pinged = sh(node_farm, a.instance_id,
+                f"HOME=/root erl -name probe@{a.address} -setcookie ddtest -noshell "
+                f"-eval {shlex.quote(ERL_PING)} -extra same@{b.address}", timeout=60)
+    assert pinged.strip() == "pong"
+    for node in (a, b):
+        assert "name same at port" in sh(node_farm, node.instance_id, "epmd -names")
+
+
+def test_network_of_makes_sockets_the_node_reaches(node_farm: NodeFarm, start_nodes) -> None:
+    """A test double made inside network_of() listens in the node's network (at the
+    node's own address and its localhost), not on the machine."""
+    (node,) = start_nodes(1)
+    with node_farm.network_of(node.instance_id):
+        inside = socket.create_server((node.address, 0))
+        local = socket.create_server(("127.0.0.1", 0))
+    outside = socket.create_server(("127.0.0.1", 0))  # back in the machine's network
+    with inside, local, outside:
+        port, local_port = inside.getsockname()[1], local.getsockname()[1]
+        listening = sh(node_farm, node.instance_id, "ss -Hltn | awk '{print $4}'").split()
+        assert {f"{node.address}:{port}", f"127.0.0.1:{local_port}"} <= set(listening)
+        assert node.address not in nodes_module._listeners(port)
+        reach = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 2)"
+        for address, number in ((node.address, port), ("127.0.0.1", local_port)):
+            node_farm.exec(node.instance_id, ["python3", "-c", reach, address, str(number)])
+        done = node_farm.exec(node.instance_id, ["python3", "-c", reach, "127.0.0.1",
+                                                 str(outside.getsockname()[1])], check=False)
+        assert done.returncode != 0 and b"ConnectionRefusedError" in done.stderr
+
+
+def test_stop_and_close_remove_routes_veths_bridge_and_uplink(client_key) -> None:
+    taken = taken_addresses()
+    addresses = [a for a in candidate_addresses("127.10.12") if a not in taken][:2]
+    with NodeFarm(client_key.public) as farm:
+        a, b = farm.start_many((next_instance_id(), address) for address in addresses)
+        hub = farm._hub
+        assert hub is not None and hub.uplink in machine_links()
+        assert hub_links(farm) == {"lo", "ddbr", "ddup", a.link, b.link}
+        routes = local_routes()
+        for node in (a, b):
+            assert f"{node.address} dev {hub.uplink} scope link src " in routes
+        farm.stop(a.instance_id)
+        assert hub_links(farm) == {"lo", "ddbr", "ddup", b.link}
+        assert a.address not in local_routes() and b.address in local_routes()
+    assert hub.uplink not in machine_links()
+    assert b.address not in local_routes()
+    assert hub.proc.poll() is not None and not Path(f"/proc/{hub.pid}").exists()
+
+
+def test_a_leftover_uplink_is_reaped_by_the_next_farm() -> None:
+    """An uplink whose hub is gone (its namespace pinned by something else when the owner
+    was killed) is deleted when the next farm starts; a live farm's uplink stays."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    stale = f"ddh{pid_max + 1:x}"  # no process can have this pid
+    subprocess.run(["ip", "link", "add", stale, "type", "veth", "peer", "name", "ddtestpeer"],
+                   check=True)
+    try:
+        with NodeFarm("ssh-ed25519 AAAA unused") as live:
+            live.start(next_instance_id(), free_address("127.10.14"))
+            uplink = live._hub.uplink
+            assert stale not in machine_links() and "ddtestpeer" not in machine_links()
+            with NodeFarm("ssh-ed25519 AAAA unused"):
+                assert uplink in machine_links()
+    finally:
+        subprocess.run(["ip", "link", "del", stale], check=False, capture_output=True)

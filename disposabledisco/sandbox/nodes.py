@@ -1,10 +1,11 @@
 """Real, isolated OpenSSH nodes on one machine, standing in for EC2 instances.
 
-Every node is a real ``sshd`` listening at exactly ``ADDRESS:22`` (any 127/8 address; no
-``ip addr add`` is needed) inside its own mount, UTS and PID namespaces, chrooted into a
-private copy-on-write overlay of ``/`` that lives on a tmpfs. A bootstrap that edits
-``/etc/hosts`` or installs a package on one node therefore touches neither the machine
-nor the other nodes, and stopping the node throws all of its writes away.
+Every node is a real ``sshd`` listening at exactly ``ADDRESS:22`` (an address in 127/8,
+outside 127.0.0.0/24) inside its own mount, UTS, PID and network namespaces, chrooted into
+a private copy-on-write overlay of ``/`` that lives on a tmpfs. A bootstrap that edits
+``/etc/hosts``, installs a package or starts a daemon on one node therefore touches
+neither the machine nor the other nodes, and stopping the node throws all of its writes
+away.
 
 Why each piece is there:
 
@@ -13,10 +14,21 @@ Why each piece is there:
 * PID namespace with ``sshd`` supervised by a tiny ``sh`` init — stopping a node kills
   every process a bootstrap started in it (daemons included), and ``kill_sshd`` /
   ``restart_sshd`` can take ssh away without losing the node's state;
+* a network namespace per node — its own loopback, port space and epmd, as on separate
+  machines: Disco names its worker Erlang node ``disco_<port>_slave`` on every host, and
+  a server on ``0.0.0.0:8989`` of one node must not answer for the others. The node's
+  ``eth0`` (one end of a veth pair) carries ``ADDRESS/24``; the other end sits on a bridge
+  in the farm's *hub* namespace, which also holds the uplink to the machine: a veth pair
+  whose machine end has the subnet's ``.1`` and one ``/32`` route per node in the ``local``
+  routing table (ahead of loopback's 127.0.0.0/8). ``route_localnet`` on the links lets
+  the kernel carry 127/8 over them. So this machine (the tool, the tests) reaches every
+  node at ``ADDRESS``, nodes reach each other on every port, and nothing else can reach
+  them. The bridge and every veth live and die with the hub and node namespaces: nothing
+  is left on the machine when the owner dies, even by SIGKILL;
 * ``setpriv --pdeathsig KILL`` + ``unshare --kill-child`` — if the Python process that
-  owns the farm dies, even by SIGKILL, its nodes die with it; ``stop_all`` also runs from
-  ``__exit__`` and from an ``atexit`` hook. Processes are only ever signalled by their
-  recorded pids, never by name;
+  owns the farm dies, even by SIGKILL, its nodes and hub die with it; ``stop_all`` also
+  runs from ``__exit__`` and from an ``atexit`` hook. Processes are only ever signalled by
+  their recorded pids, never by name;
 * offline tweaks (empty apt lists, ``Acquire::Retries "0"``, ``nameserver 127.0.0.1``, a
   pip config with an unreachable index) — a bootstrap that tries the network fails at
   once instead of hanging, and never reaches a real registry.
@@ -24,9 +36,9 @@ Why each piece is there:
 The nodes look like EC2 Ubuntu images to a bootstrap: a login user (``ubuntu`` by
 default) with passwordless ``sudo -n`` and the given authorized key, ``bash``,
 ``python3``, an EC2-style hostname (``ip-127-10-0-4``) that resolves to the node's own
-address through ``/etc/hosts``, and their own ed25519 host key in ``/etc/ssh``. There is
-no systemd and no cloud-init inside a node, and all nodes share the machine's network
-stack (a daemon listening on ``0.0.0.0`` in one node is reachable from all of them).
+address through ``/etc/hosts`` (the host name is the first name of that line, as Erlang
+wants), and their own ed25519 host key in ``/etc/ssh``. There is no systemd and no
+cloud-init inside a node.
 
 Used by the tests (``tests/node_fixtures.py``) and by the local sandbox, which connects
 a farm to the simulated spot market through :meth:`NodeFarm.on_launch` /
@@ -39,13 +51,16 @@ import atexit
 import base64
 import collections
 import contextlib
+import ctypes
 import hashlib
 import ipaddress
+import itertools
 import logging
 import os
 import pwd
 import queue
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -55,7 +70,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +83,7 @@ __all__ = [
     "NodeFarm",
     "ec2_hostname",
     "generate_ed25519_key",
+    "taken_addresses",
 ]
 
 SSHD_READY = "Server listening on "
@@ -79,6 +95,15 @@ _SAFE_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _SAFE_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9/._-]*$")
 _CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
+#: every node's subnet is the /24 around its address; its ``.1`` is the machine's end
+_PREFIX = 24
+#: 127.0.0.0/24 holds the machine's own 127.0.0.1: never a node's
+_MACHINE_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/24")
+#: the bridge inside a farm's hub namespace (one per hub, so the name never collides)
+_BRIDGE = "ddbr"
+#: the machine's end of a farm's uplink: ``ddh`` + the hub's pid in hex (at most 15 chars)
+_UPLINK = re.compile(r"^ddh([0-9a-f]{1,8})$")
+_CLONE_NEWNET = 0x40000000
 
 _SSHD_CONFIG = """\
 # Written by disposabledisco.sandbox.nodes for a local test node.
@@ -192,6 +217,8 @@ class Node:
     startup_seconds: float = 0.0
     host_public_key: str = ""
     log_path: Path | None = None
+    #: the node's veth on the hub's bridge (its other end is the node's ``eth0``)
+    link: str = ""
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _ready: threading.Event = field(default_factory=threading.Event, repr=False)
     _failed: str = field(default="", repr=False)
@@ -200,6 +227,7 @@ class Node:
     )
     _reader: threading.Thread | None = field(default=None, repr=False)
     _spawned_at: float = field(default=0.0, repr=False)
+    _routed: bool = field(default=False, repr=False)
 
     def log_tail(self, n: int = 20) -> list[str]:
         """The last ``n`` lines the node's init and sshd printed (for failure reports)."""
@@ -343,6 +371,136 @@ def _safe_rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _ip(*args: str, hub: _Hub | None = None, check: bool = True
+        ) -> subprocess.CompletedProcess[bytes]:
+    """Run ``ip ARGS`` in the machine's network namespace, or in ``hub``'s."""
+    argv = ["ip", *args]
+    if hub is not None:
+        argv = ["nsenter", f"--net=/proc/{hub.pid}/ns/net", "--", *argv]
+    done = subprocess.run(argv, capture_output=True, env=_CLEAN_ENV, timeout=30, check=False)
+    if check and done.returncode != 0:
+        raise NodeError(f"{shlex.join(argv)} failed: "
+                        f"{done.stderr.decode(errors='replace').strip()}")
+    return done
+
+
+def _mac(address: str) -> str:
+    """A locally administered MAC made of the IPv4 address: ``02:00:7f:0a:00:04``."""
+    return ":".join(f"{byte:02x}" for byte in (2, 0, *ipaddress.IPv4Address(address).packed))
+
+
+def _listeners(port: int) -> set[str]:
+    """IPv4 addresses that a socket of this machine's network namespace listens on at
+    PORT (from /proc/net/tcp: no connection is made)."""
+    found = set()
+    with open("/proc/self/net/tcp") as f:
+        next(f)
+        for fields in (line.split() for line in f):
+            hex_address, hex_port = fields[1].split(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(str(ipaddress.IPv4Address(bytes.fromhex(hex_address)[::-1])))
+    return found
+
+
+def taken_addresses() -> set[str]:
+    """Addresses no new node may take: a node of any farm on this machine has it (its /32
+    route in the ``local`` table), or a process of the machine listens on it at port 22.
+    Read from the kernel, no connection made: a node still starting counts too."""
+    taken = _listeners(22)
+    routes = _ip("-o", "route", "show", "table", "local", "type", "unicast").stdout.decode()
+    for line in routes.splitlines():
+        words = line.split()
+        if words and words[0].startswith("127.") and "/" not in words[0]:
+            taken.add(words[0])
+    return taken
+
+
+def _reap_stale_uplinks() -> None:
+    """Delete uplinks (``ddh<pid>``) whose hub process is gone. An uplink normally dies
+    with its hub's namespace; this catches one whose namespace was kept alive by
+    something else (a bind mount, an ``ip netns attach``) after its owner was killed."""
+    own = os.readlink("/proc/self/ns/net")
+    for name in os.listdir("/sys/class/net"):
+        match = _UPLINK.match(name)
+        if not match:
+            continue
+        try:
+            alive = os.readlink(f"/proc/{int(match[1], 16)}/ns/net") != own
+        except OSError:
+            alive = False
+        if not alive:
+            log.warning("removing %s, the uplink of a node farm whose hub is gone", name)
+            _ip("link", "del", name, check=False)
+
+
+@dataclass
+class _Hub:
+    """A farm's hub: a namespace holding the nodes' bridge and the uplink to the machine."""
+
+    proc: subprocess.Popen[bytes]
+    uplink: str
+    #: subnets (``127.10.0.0/24``) whose gateway (``.1``) the uplink carries
+    subnets: set[str] = field(default_factory=set)
+    links: Iterator[int] = field(default_factory=itertools.count)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @staticmethod
+    def start(timeout: float) -> _Hub:
+        """Start the hub: its process (``sleep``) in a new network namespace, the bridge,
+        and the uplink whose machine end is up with ``route_localnet`` set. Dies with the
+        farm's owner (parent-death signal)."""
+        machine = f"/proc/{os.getpid()}/ns/net"
+        script = "\n".join([
+            "set -eu",
+            'up=ddh$(printf %x "$$")',
+            "ip link set lo up",
+            f"ip link add {_BRIDGE} type bridge",
+            f"ip link set {_BRIDGE} up",
+            f'ip link add ddup type veth peer name "$up" netns {machine}',
+            f"ip link set ddup master {_BRIDGE} up",
+            f"nsenter --net={machine} -- sh -c 'echo 1 >\"/proc/sys/net/ipv4/conf/$1/"
+            "route_localnet\" && ip link set \"$1\" up' sh \"$up\"",
+            f'echo "{_MARK} hub $up"',
+            "exec sleep infinity </dev/null >/dev/null 2>&1",
+        ])
+        proc = _spawn(["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--net", "--",
+                       "/bin/sh", "-c", script], stdin=subprocess.DEVNULL,
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_CLEAN_ENV,
+                      close_fds=True, start_new_session=True)
+        assert proc.stdout is not None
+        output = b""
+        deadline = time.monotonic() + timeout
+        try:
+            while f"{_MARK} hub ".encode() not in output:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([proc.stdout], [], [], remaining)[0]:
+                    raise NodeError(f"the nodes' network hub did not start within {timeout:g} s")
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    raise NodeError("cannot create the nodes' network (bridge and uplink): "
+                                    + output.decode(errors="replace").strip())
+                output += chunk
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            raise
+        proc.stdout.close()
+        uplink = output.decode().split(f"{_MARK} hub ", 1)[1].split()[0]
+        return _Hub(proc, uplink)
+
+    def stop(self) -> None:
+        """Remove the uplink (at once, not when the kernel gets to the namespace) and end
+        the hub: its bridge goes with its namespace."""
+        _ip("link", "del", self.uplink, check=False)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
 class NodeFarm:
     """A set of local SSH nodes keyed by EC2 instance id. Use it as a context manager.
 
@@ -372,6 +530,7 @@ class NodeFarm:
         self._own_workdir = workdir is None
         if workdir is None:
             _reap_stale_workdirs()
+        _reap_stale_uplinks()
         self.workdir = Path(
             workdir if workdir is not None else tempfile.mkdtemp(prefix=_WORKDIR_PREFIX)
         ).resolve()
@@ -382,6 +541,7 @@ class NodeFarm:
         self._nodes: dict[str, Node] = {}
         self._lock = threading.RLock()
         self._closed = False
+        self._hub: _Hub | None = None
         #: startup time (seconds) of every node started by this farm, in start order
         self.startup_times: list[float] = []
         _farms.add(self)
@@ -394,9 +554,15 @@ class NodeFarm:
         self.close()
 
     def close(self) -> None:
-        """Stop every node and remove the farm's directory if the farm created it."""
+        """Stop every node and the hub (bridge, uplink, routes), and remove the farm's
+        directory if the farm created it."""
+        with self._lock:
+            self._closed = True
         self.stop_all()
-        self._closed = True
+        with self._lock:
+            hub, self._hub = self._hub, None
+        if hub is not None:
+            hub.stop()
         if self._own_workdir:
             _safe_rmtree(self.workdir)
 
@@ -405,10 +571,11 @@ class NodeFarm:
     def available(sshd_path: str = "/usr/sbin/sshd") -> tuple[bool, str]:
         """Whether this machine can run nodes, and if not, why (for ``pytest.skip``).
 
-        Needs root, OpenSSH's sshd, util-linux (unshare, nsenter, setpriv), sudo, and a
-        kernel that lets us mount tmpfs + overlayfs in a fresh mount namespace — the
-        last is probed for real once per process (~10 ms) because containers often
-        forbid it even to root.
+        Needs root, OpenSSH's sshd, util-linux (unshare, nsenter, setpriv), sudo,
+        iproute2, and a kernel that lets us mount tmpfs + overlayfs in a fresh mount
+        namespace and make a bridge and veth pair in a fresh network namespace — probed
+        for real once per process (~10 ms) because containers often forbid it even to
+        root.
         """
         global _available
         if _available is not None:
@@ -417,9 +584,9 @@ class NodeFarm:
             return False, "real SSH nodes need root (mount namespaces, overlayfs, chroot)"
         if not os.access(sshd_path, os.X_OK):
             return False, f"no OpenSSH server at {sshd_path} (apt-get install -y openssh-server)"
-        for tool in ("unshare", "nsenter", "setpriv", "chroot", "mount", "sudo"):
+        for tool in ("unshare", "nsenter", "setpriv", "chroot", "mount", "sudo", "ip"):
             if shutil.which(tool, path=_CLEAN_ENV["PATH"]) is None:
-                hint = "sudo" if tool == "sudo" else "util-linux/coreutils"
+                hint = {"sudo": "sudo", "ip": "iproute2"}.get(tool, "util-linux/coreutils")
                 return False, f"'{tool}' is not installed (apt-get install -y {hint})"
         with open("/proc/filesystems") as f:
             if "overlay" not in f.read():
@@ -429,11 +596,15 @@ class NodeFarm:
                 f"mount -t tmpfs probe {_q(tmp)} && mkdir {_q(tmp)}/u {_q(tmp)}/w {_q(tmp)}/r"
                 f" && mount -t overlay probe -o lowerdir=/,upperdir={_q(tmp)}/u,"
                 f"workdir={_q(tmp)}/w {_q(tmp)}/r && test -x {_q(tmp)}/r{_q(sshd_path)}"
+                # the node network: a bridge, a veth pair on it, 127/8 allowed on links
+                " && ip link add probe0 type bridge && ip link add probe1 type veth peer"
+                " name probe2 && ip link set probe1 master probe0"
+                " && echo 1 > /proc/sys/net/ipv4/conf/all/route_localnet"
             )
             try:
                 probe = subprocess.run(
-                    ["unshare", "--mount", "--uts", "--pid", "--fork", "--propagation",
-                     "private", "--", "/bin/sh", "-c", script],
+                    ["unshare", "--mount", "--uts", "--pid", "--net", "--fork",
+                     "--propagation", "private", "--", "/bin/sh", "-c", script],
                     capture_output=True, timeout=20, env=_CLEAN_ENV,
                 )
             except (OSError, subprocess.TimeoutExpired) as exc:
@@ -442,7 +613,8 @@ class NodeFarm:
             if probe.returncode != 0:
                 err = probe.stderr.decode(errors="replace").strip().splitlines()
                 why = err[-1] if err else f"exit status {probe.returncode}"
-                _available = (False, f"cannot create an overlay in a mount namespace: {why}")
+                _available = (False, "cannot create an overlay in a mount namespace or a "
+                                     f"bridge and veth pair in a network namespace: {why}")
                 return _available
         _available = (True, "")
         return _available
@@ -649,6 +821,32 @@ class NodeFarm:
         self.restart_sshd(instance_id)
         return node.host_public_key
 
+    @contextlib.contextmanager
+    def network_of(self, instance_id: str) -> Iterator[None]:
+        """Inside the block, sockets this thread creates live in the node's network
+        namespace (and stay there afterwards): a test double that the node itself must
+        reach at its own address (``127.10.0.4:PORT``, ``localhost``) is made in here.
+        Only the calling thread switches; nodes must not be started from inside."""
+        node = self.node(instance_id)
+        libc = ctypes.CDLL(None, use_errno=True)
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            target = os.open(f"/proc/{node.init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(target, _CLONE_NEWNET) != 0:
+                    raise NodeError(f"{instance_id}: cannot enter the node's network: "
+                                    f"{os.strerror(ctypes.get_errno())}")
+            finally:
+                os.close(target)
+            try:
+                yield
+            finally:
+                if libc.setns(own, _CLONE_NEWNET) != 0:
+                    raise NodeError("cannot return to this machine's network: "
+                                    f"{os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(own)
+
     def exec(
         self,
         instance_id: str,
@@ -660,10 +858,10 @@ class NodeFarm:
         user: str | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run ``argv`` as root (or ``user``) inside the node — its mounts, hostname,
-        processes and root directory — for assertions and fault injection. Never goes
+        processes, network and root directory — for assertions and fault injection. Never goes
         through ssh. ``check`` raises ``NodeError`` on a non-zero exit."""
         node = self.node(instance_id)
-        command = ["nsenter", "-t", str(node.init_pid), "-m", "-u", "-p", "--",
+        command = ["nsenter", "-t", str(node.init_pid), "-m", "-u", "-p", "-n", "--",
                    "chroot"]
         if user is not None:
             command.append(f"--userspec={user}")
@@ -699,6 +897,13 @@ class NodeFarm:
             raise NodeError(f"{instance_id}: {address!r} is not an IPv4 address") from exc
         if not ip.is_loopback:
             raise NodeError(f"{instance_id}: nodes listen on loopback only, not {address}")
+        if ip in _MACHINE_LOOPBACK:
+            raise NodeError(f"{instance_id}: {address} is in {_MACHINE_LOOPBACK}, the "
+                            "machine's own loopback; give nodes another 127.X.Y.0/24")
+        subnet = ipaddress.IPv4Network(f"{ip}/{_PREFIX}", strict=False)
+        if ip in (subnet.network_address, subnet[1], subnet.broadcast_address):
+            raise NodeError(f"{instance_id}: {address} is the network, gateway (.1) or "
+                            f"broadcast address of {subnet}; nodes use .2 to .254")
         address = str(ip)
         hostname = hostname or self.hostname_for(address)
         if not _SAFE_HOST.match(hostname):
@@ -731,22 +936,29 @@ class NodeFarm:
                 login_user=user, workdir=workdir, root=str(workdir / "ns" / "root"),
                 host_public_key=_strip_comment(public), log_path=workdir / "node.log",
             )
-            # the init script holds the host's private key: a 0600 file, never argv
-            script = workdir / "init.sh"
-            fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(self._script(node, private, public, key))
             node._spawned_at = time.monotonic()
             node.started_at = time.time()
-            argv = ["setpriv", "--pdeathsig", "KILL", "--",
-                    "unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child",
-                    "--propagation", "private", "--", "/bin/sh", str(script)]
             try:
+                if self._hub is None:
+                    self._hub = _Hub.start(self.start_timeout)
+                self._route(node, self._hub)
+                # the init script holds the host's private key: a 0600 file, never argv
+                script = workdir / "init.sh"
+                fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(self._script(node, self._hub, private, public, key))
+                argv = ["setpriv", "--pdeathsig", "KILL", "--",
+                        "unshare", "--mount", "--uts", "--pid", "--net", "--fork",
+                        "--kill-child", "--propagation", "private", "--", "/bin/sh",
+                        str(script)]
                 node._proc = _spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, env=_CLEAN_ENV,
                                     close_fds=True, start_new_session=True)
-            except OSError as exc:
+            except (OSError, NodeError) as exc:
+                self._unplug(node)
                 _safe_rmtree(workdir)
+                if isinstance(exc, NodeError):
+                    raise
                 raise NodeError(f"{instance_id}: cannot start node: {exc}") from exc
             node.pid = node._proc.pid
             self._nodes[instance_id] = node
@@ -754,6 +966,43 @@ class NodeFarm:
                                         name=f"node-{instance_id}", daemon=True)
         node._reader.start()
         return node
+
+    def _route(self, node: Node, hub: _Hub) -> None:
+        """Make the machine reach ``node.address`` through the hub: the subnet's gateway
+        on the uplink, and a /32 route in the ``local`` table (consulted before, and more
+        specific than, loopback's 127.0.0.0/8). Names the node's veth on the bridge."""
+        address = node.address
+        if address in _listeners(22):
+            raise AddressInUse(f"{node.instance_id}: {address}:22: Address already in use "
+                               "(a process of this machine, outside the farm, listens there)")
+        subnet = ipaddress.IPv4Network(f"{address}/{_PREFIX}", strict=False)
+        gateway = str(subnet[1])
+        if str(subnet) not in hub.subnets:
+            _ip("addr", "add", f"{gateway}/32", "dev", hub.uplink)
+            hub.subnets.add(str(subnet))
+        done = _ip("route", "add", f"{address}/32", "dev", hub.uplink, "src", gateway,
+                   "table", "local", check=False)
+        if done.returncode != 0:
+            why = done.stderr.decode(errors="replace").strip()
+            if "File exists" in why:
+                raise AddressInUse(f"{node.instance_id}: {address}: Address already in use "
+                                   "(a node of another farm on this machine has it)")
+            raise NodeError(f"{node.instance_id}: cannot route {address} to the node: {why}")
+        node._routed = True
+        node.link = f"n{next(hub.links):x}"
+
+    def _unplug(self, node: Node) -> None:
+        """Remove the node's route and its veth (both ends go together), at once rather
+        than when the kernel reaps the node's namespace; the address is free again."""
+        hub = self._hub
+        if hub is None:
+            return
+        if node._routed:
+            _ip("route", "del", f"{node.address}/32", "dev", hub.uplink, "table", "local",
+                check=False)
+            node._routed = False
+        if node.link:
+            _ip("link", "del", node.link, hub=hub, check=False)
 
     def _await_ready(self, node: Node, record: bool = True) -> None:
         remaining = self.start_timeout - (time.monotonic() - node._spawned_at)
@@ -838,6 +1087,7 @@ class NodeFarm:
                 node._reader.join(timeout=5)
             with contextlib.suppress(OSError):
                 proc.stdout.close()
+        self._unplug(node)
         for name in ("init.sh", "ns"):
             path = node.workdir / name
             if path.is_dir():
@@ -876,18 +1126,36 @@ class NodeFarm:
             delay = min(delay * 2, 0.05)
         raise NodeError(f"{node.instance_id}: sshd processes {pids} did not exit")
 
-    def _script(self, node: Node, private: str, public: str, key: str) -> str:
-        """The node's init: build the root, write the node's identity, start sshd,
-        restart it on SIGUSR1, and reap orphans (it is pid 1 of the node)."""
+    def _script(self, node: Node, hub: _Hub, private: str, public: str, key: str) -> str:
+        """The node's init: plug its network into the hub, build the root, write the
+        node's identity, start sshd, restart it on SIGUSR1, and reap orphans (it is pid 1
+        of the node)."""
         user = _login_account(node.login_user)
         d = str(node.workdir)
         r = node.root
         home = user.home
+        subnet = ipaddress.IPv4Network(f"{node.address}/{_PREFIX}", strict=False)
+        conf = "/proc/sys/net/ipv4/conf"
         lines = [
             "set -eu",
             "umask 022",
             f'fail() {{ echo "{_MARK} error $*"; exit 1; }}',
             f"echo \"{_MARK} init-pid $(cut -d' ' -f4 /proc/self/stat)\"",
+            # the node's own network namespace: lo, and eth0 whose peer is on the bridge
+            f"H=/proc/{hub.pid}/ns/net",
+            "ip link set lo up || fail cannot bring up its loopback",
+            # the MAC follows the address: a node that takes over an address finds every
+            # neighbour cache (machine, other nodes) already right
+            f'ip link add eth0 address {_mac(node.address)} type veth'
+            f' peer name {node.link} netns "$H"'
+            " || fail cannot create its link to the hub",
+            f'nsenter --net="$H" -- ip link set {node.link} master {_BRIDGE} up'
+            " || fail cannot attach its link to the bridge of the hub",
+            f"echo 1 > {conf}/all/route_localnet && echo 1 > {conf}/eth0/route_localnet"
+            " || fail cannot set route_localnet",
+            f"ip addr add {node.address}/{_PREFIX} dev eth0 && ip link set eth0 up"
+            f" && ip route add {subnet} dev eth0 src {node.address} table local"
+            f" || fail cannot give the node its address {node.address}",
             f"D={_q(d)}; R={_q(r)}",
             f'mount -t tmpfs -o mode=0755,size={_q(self.tmpfs_size)} node "$D/ns"'
             ' || fail cannot mount a tmpfs',

@@ -242,7 +242,12 @@ def usage_text(sandbox: Sandbox) -> str:
     ])
 
 
-def demo(options: SandboxOptions, say: Callable[[str], None] = print) -> int:
+def _say(line: str) -> None:
+    """Print at once: the demo's lines interleave with its child commands' output."""
+    print(line, flush=True)
+
+
+def demo(options: SandboxOptions, say: Callable[[str], None] = _say) -> int:
     """The whole story in one command: converge, inspect, lose a slave, heal, tear down.
 
     Every step is the real CLI in a child process, exactly as a user would type it.
@@ -285,7 +290,7 @@ def _interrupt_one_slave(sandbox: Sandbox, say: Callable[[str], None]) -> None:
         sandbox.market.interrupt(victim)
 
 
-def serve(options: SandboxOptions, say: Callable[[str], None] = print,
+def serve(options: SandboxOptions, say: Callable[[str], None] = _say,
           stop: threading.Event | None = None) -> int:
     """Run the sandbox in the foreground until SIGINT/SIGTERM (or `stop` is set)."""
     stop = stop or threading.Event()
