@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from disposabledisco import reconcile
+from disposabledisco import disco, reconcile
 from disposabledisco.bootstrap import BootstrapError
 from disposabledisco.cluster import TAG_FAILURES, TAG_UNREACHABLE, Node
 from disposabledisco.doctor import run_doctor
@@ -142,6 +142,11 @@ def test_planted_paths_never_redirect_root(pair, node_farm: NodeFarm,  # noqa: F
             found = {"symlink": "symbolic link", "hardlink": "regular file (links/owner: 2|",
                      "fifo": "fifo", "directory": "directory"}[kind]
         assert found in refusals[0] and node.instance_id in refusals[0], refusals[0]
+        if path == f"{HOME}/.erlang.cookie" and node is slave:  # the doctor names it too
+            report = run_doctor(prov.config, master, [slave], prov.ssh)
+            cookie = next(c for c in report.checks if c.check == "erlang cookie"
+                          and c.node.startswith(disco.short_name(slave)))
+            assert not cookie.ok and "mode/owner" in cookie.detail, cookie
         for each in nodes:
             assert system_state(node_farm, each) == before[each.instance_id], \
                 f"{kind} at {path} on {node.role} changed a system file on {each.role}"

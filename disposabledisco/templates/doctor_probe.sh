@@ -16,7 +16,7 @@ main() {
   facts=$(path_facts "$cookie")
   if [[ $facts != missing ]]; then
     IFS='|' read -r type links uid owner <<<"$facts"
-    if [[ $type == "regular file" && $links == 1 ]]; then
+    if [[ $type == "regular file" && $links == 1 && $uid == "$(id -u "$DISCO_USER")" ]]; then
       sum=$(user_read "$cookie" | sha256sum | cut -d' ' -f1)
       printf 'cookie_sha256=%s\n' "$sum"
       printf 'cookie_mode=%s\n' "$(stat -c '%a %U' -- "$cookie")"
