@@ -115,5 +115,6 @@ def sandbox_not_running(config_path: str | Path, endpoint_url: str | None) -> st
     start = "python -m disposabledisco sandbox"
     if folder.resolve() != (Path.cwd() / "sandbox").resolve():
         start += f" --dir {folder}"
-    return (f"{config_path}: nothing answers at ENDPOINT_URL {endpoint_url}: the sandbox is "
-            f"not running; start it with `{start}` (it rewrites this config) and run again")
+    return (f"{config_path}: nothing answers at the EC2 endpoint {endpoint_url}: the "
+            f"sandbox is not running; start it with `{start}` (it rewrites this config) "
+            "and run again")
