@@ -46,6 +46,9 @@ def run_readme(command: str, clone: Path, *args: str,
 
 
 def test_the_test_command_lints_and_collects_the_whole_suite_of_the_clone(clone: Path):
+    # a half-made venv (an interrupted earlier run) is made again, not trusted
+    (clone / ".venv" / "bin").mkdir(parents=True)
+    (clone / ".venv" / "bin" / "python").symlink_to(clone / "no-such-python")
     result = run_readme(TEST_COMMAND, clone, "--collect-only", "-q")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "All checks passed!" in result.stdout  # ruff ran on the clone
@@ -53,7 +56,7 @@ def test_the_test_command_lints_and_collects_the_whole_suite_of_the_clone(clone:
     modules = sorted(str(p.relative_to(clone)) for p in (clone / "tests").glob("test_*.py"))
     assert sorted(collected) == modules, "every test module of the clone is collected"
     assert int(collected["tests/test_quickstart.py"]) >= 5
-    assert (clone / ".venv" / "bin" / "python").exists()
+    assert (clone / ".venv" / "pyvenv.cfg").exists()
 
 
 def test_the_demo_command_runs_the_whole_story_in_the_clone(clone: Path):
