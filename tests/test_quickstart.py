@@ -26,21 +26,25 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO, TEST_COMMAND = quick_start()
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def git_clone(parent: Path) -> Path:
     """A fresh clone of this repository's HEAD (what a newcomer gets)."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs git and a git checkout to clone (apt-get install git)")
-    target = tmp_path_factory.mktemp("quickstart") / "disposabledisco"
+    target = parent / "disposabledisco"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
     return target
 
 
-def run_readme(command: str, clone: Path, *args: str,
-               timeout: float = 240) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return git_clone(tmp_path_factory.mktemp("quickstart"))
+
+
+def run_readme(command: str, clone: Path, *args: str, timeout: float = 240,
+               python: str = sys.executable) -> subprocess.CompletedProcess[str]:
     """README's command line, word for word, plus extra arguments, in the clone."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    env.update(DISPOSABLEDISCO_SETUP_OFFLINE="1", PYTHON=sys.executable)
+    env.update(DISPOSABLEDISCO_SETUP_OFFLINE="1", PYTHON=python)
     return subprocess.run(" ".join([command, *args]), shell=True, cwd=clone, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -88,6 +92,28 @@ def test_the_setup_script_without_a_command_says_its_usage(clone: Path):
     result = run_readme("./scripts/setup-and-run", clone)
     assert result.returncode == 2
     assert result.stderr.startswith("usage: ./scripts/setup-and-run demo|test")
+
+
+def test_without_the_venv_module_set_up_names_the_debian_package(tmp_path: Path):
+    fresh = git_clone(tmp_path)
+    python = tmp_path / "python3"  # Debian's python3 before python3-venv is installed
+    python.write_text("#!/bin/sh\necho 'ensurepip is not available' >&2\nexit 1\n")
+    python.chmod(0o755)
+    result = run_readme(DEMO, fresh, python=str(python))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == ("setup-and-run: cannot make a virtual "
+                                              "environment: apt-get install python3-venv, "
+                                              "then run again")
+    assert not (fresh / ".venv").exists()
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck is not installed (apt-get install shellcheck)")
+def test_the_setup_script_and_ci_pass_shellcheck():
+    result = subprocess.run(["shellcheck", str(ROOT / "scripts" / "setup-and-run"),
+                             str(ROOT / ".ci" / "run")], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stdout
 
 
 # ------------------------------------------------------------------ missing packages
