@@ -60,7 +60,7 @@ class NodeOutcome(Protocol):
     ok: bool
     error: str | None
     log_tail: str | None
-    #: "node", "config" or "hostkey" (ssh.FAULTS); only "node" counts toward replacement
+    #: "node", "config", "hostkey" or "tamper" (ssh.FAULTS); only "node" counts toward replacement
     fault: str
 
 
@@ -304,6 +304,9 @@ class _Applier:
             first = (f"{outcome.error or 'host key refused'} — {instance_id} is kept and "
                      f"never replaced for this; if it was really rebuilt, forget its pinned "
                      f"host key: rm {shlex.quote(str(pin))}")
+        elif fault == "tamper":
+            first = (f"{outcome.error or 'refused'} — {instance_id} is kept for inspection "
+                     f"and never replaced for this")
         elif fault == "config":
             first = (f"{outcome.error or 'failed'} — the config's fault: fix the config; "
                      f"{instance_id} is not counted as failing for it")

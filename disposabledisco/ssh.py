@@ -82,11 +82,15 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: exit status of a node script refusing for a reason that is the config's, not the node's
 #: (templates/lib.sh EXIT_CONFIG, sysexits' EX_CONFIG)
 EXIT_CONFIG = 78
+#: exit status of a node script refusing a path someone planted (templates/lib.sh
+#: EXIT_TAMPER, sysexits' EX_NOPERM)
+EXIT_TAMPER = 77
 #: Who is to blame for a failure, which decides whether it counts against the node:
 #: "node" counts toward replacing it; "config" (a fresh node would fail the same) and
 #: "hostkey" (possible man in the middle: the operator must look, the evidence must stay)
-#: never do.
-FAULTS = ("node", "config", "hostkey")
+#: and "tamper" (a link or FIFO planted in the Disco user's files: same, and a fresh node
+#: running the same jobs could be planted again) never do.
+FAULTS = ("node", "config", "hostkey", "tamper")
 #: how the node scripts' `die` starts its one line (templates/lib.sh)
 SCRIPT_ERROR_PREFIX = "disposabledisco: ERROR: "
 
@@ -182,6 +186,8 @@ def fault_of(exc: BaseException | None) -> str:
         return fault
     if isinstance(exc, CommandFailed) and exc.status == EXIT_CONFIG:
         return "config"
+    if isinstance(exc, CommandFailed) and exc.status == EXIT_TAMPER:
+        return "tamper"
     return "node"
 
 

@@ -255,7 +255,7 @@ class BlamingWorker:
         return Failing(ok=True)
 
 
-@pytest.mark.parametrize("fault", ["hostkey", "config", "node"])
+@pytest.mark.parametrize("fault", ["hostkey", "config", "tamper", "node"])
 def test_only_node_faults_count_toward_replacement(tmp_path, fault: str) -> None:
     cfg, ec2, worker = config(tmp_path), FakeEc2(), BlamingWorker(fault)
     ec2.add_instance("master")
@@ -279,6 +279,8 @@ def test_only_node_faults_count_toward_replacement(tmp_path, fault: str) -> None
         assert worker.slave in text
         if fault == "hostkey":
             assert f"rm {pin}" in text, text
+        elif fault == "tamper":
+            assert "kept for inspection" in text, text
         else:
             assert "fix the config" in text, text
 
@@ -307,7 +309,8 @@ def test_fault_classes_of_failures() -> None:
     target = Target("i-0abc", "10.0.0.9")
     assert fault_of(HostKeyMismatch(target, "changed")) == "hostkey"
     assert fault_of(CommandFailed(target, "bash -s", 78, "POST_INIT failed")) == "config"
-    assert fault_of(CommandFailed(target, "bash -s", 1, "refusing /home/disco/x")) == "node"
+    assert fault_of(CommandFailed(target, "bash -s", 77, "refusing /home/disco/x")) == "tamper"
+    assert fault_of(CommandFailed(target, "bash -s", 1, "apt-get failed")) == "node"
     assert fault_of(BootstrapError("DISCO_TARBALL /x: no such file")) == "config"
     assert fault_of(TimeoutError()) == "node" and fault_of(None) == "node"
 

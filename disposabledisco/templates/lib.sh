@@ -16,6 +16,11 @@ EXIT_CONFIG=78
 # A failure a fresh node would repeat (a bad setting, a refused DISCO_USER/DISCO_ROOT).
 die_config() { log "ERROR: $*"; exit "$EXIT_CONFIG"; }
 
+#: exit status of a refusal of something planted on the node (sysexits EX_NOPERM): the
+#: node is kept as evidence and never replaced for it (any Disco job could plant the same
+#: on a fresh node, so replacing would only burn nodes)
+EXIT_TAMPER=77
+
 require_root() {
   [[ $EUID -eq 0 ]] || die "must run as root (sudo -n bash -s)"
   cd /
@@ -66,7 +71,8 @@ path_facts() { stat -c '%F|%h|%u|%U' -- "$1" 2>/dev/null || echo missing; }
 refuse_path() {
   local path=$1 found=$2 want=$3
   [[ $found != "symbolic link" ]] || found+=" to $(readlink -- "$path" || echo '?')"
-  die "refusing $path on $(node_name): it is a $found, expected $want (planted by someone with access to $DISCO_USER? remove it, or replace the node)"
+  log "ERROR: refusing $path on $(node_name): it is a $found, expected $want (planted by someone with access to $DISCO_USER? the node is kept for inspection: remove it, or terminate the instance yourself)"
+  exit "$EXIT_TAMPER"
 }
 
 # check_user_file PATH [missing-ok]: a regular file with one link, owned by the Disco user.
