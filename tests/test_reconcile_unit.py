@@ -655,3 +655,13 @@ def test_hand_edited_token_records_are_dropped_not_a_crash(tmp_path, record):
     assert token.startswith("dd-kkkk") and token != record
     assert json.loads((tmp_path / "tokens.json").read_text()) == {
         "k" * 40: {"token": token, "at": NOW.isoformat()}}
+
+
+def test_join_results_are_for_the_join_with_and_without_ssh(tmp_path):
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    ec2.add_instance("master")
+    ec2.add_instance("slave")
+    for worker in (None, FakeWorker()):
+        report = run(cfg, ec2, worker)
+        join = next(a for a in report.plan.actions if isinstance(a, Join))
+        assert result_of(report, Join).action is join
