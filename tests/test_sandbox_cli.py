@@ -28,8 +28,8 @@ from disposabledisco.sandbox.loopback import (
     sockets_in_use,
     subnet_in_use,
 )
-from disposabledisco.sandbox.nodes import NodeFarm
-from disposabledisco.sandbox.run import WIRING_KEYS, keep_user_edits
+from disposabledisco.sandbox.nodes import NodeFarm, generate_ed25519_key
+from disposabledisco.sandbox.run import WIRING_KEYS, Sandbox, SandboxOptions, keep_user_edits
 
 IP = ipaddress.IPv4Address
 NET = ipaddress.IPv4Network
@@ -245,6 +245,22 @@ def test_the_sandbox_banner_names_its_free_24_refuses_a_second_start_and_keeps_e
         assert f"instance network: {first} (" in "\n".join(restarted.banner)  # free again
     finally:
         restarted.stop()
+
+
+@needs_nodes
+def test_a_node_of_another_farm_makes_its_24_used(tmp_path: Path):
+    """Nodes live in their own network namespaces (no socket in ours): their route counts."""
+    network = unused_network()
+    first, second = list(NET(network).subnets(new_prefix=24))[:2]
+    _, public = generate_ed25519_key("other-farm")
+    with NodeFarm(authorized_key=public, workdir=tmp_path / "other") as other:
+        other.start("i-0other", str(first[100]))  # beyond the sshd probe: the route counts
+        sandbox = Sandbox(SandboxOptions(tmp_path / "sandbox", network=network))
+        try:
+            sandbox.start()
+            assert sandbox.subnet == str(second)
+        finally:
+            sandbox.stop()
 
 
 @needs_nodes
