@@ -3,8 +3,10 @@
 Only what the tool talks to is there: `POST /disco/ctrl/save_config_table` (with Disco's
 own validation: a JSON list of `[host, count]` pairs, counts as strings of digits, short
 host names, no duplicates), `GET /disco/ctrl/load_config_table` and the read-only
-`GET /disco/ctrl/nodeinfo` (the saved hosts, never an active job). It runs no jobs and
-answers 404 to everything else, so a test cannot mistake it for Disco.
+`GET /disco/ctrl/nodeinfo` in Disco's own form: an object keyed by host name, each with
+`connected`, `blacklisted`, `max_workers` and the task counters (every saved host connected
+and not blacklisted unless a test says otherwise in `disconnected`/`blacklisted`/`extra`).
+It runs no jobs and answers 404 to everything else, so a test cannot mistake it for Disco.
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ class DiscoDouble:
     def __init__(self, address: str = "127.0.0.1", port: int = 0) -> None:
         self.requests: list[Request] = []
         self.table: list[list[str]] | None = None
+        self.disconnected: set[str] = set()
+        self.blacklisted: set[str] = set()
+        #: hosts Disco still knows that are not in the saved table (a stale live table)
+        self.extra: dict[str, str] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((address, port), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -119,6 +125,17 @@ class DiscoDouble:
             self.table = table
         return 200, "table saved!"
 
+    def nodeinfo(self) -> dict[str, dict[str, Any]]:
+        """What Disco's `getop("nodeinfo")` answers for the saved table (plus `extra`)."""
+        with self._lock:
+            rows = [(host, count) for spec, count in self.table or []
+                    for host in expand_hosts(spec.strip())] + list(self.extra.items())
+            return {host: {"job_ok": 0, "data_error": 0, "error": 0,
+                           "max_workers": int(count),
+                           "connected": host not in self.disconnected,
+                           "blacklisted": host in self.blacklisted}
+                    for host, count in rows}
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         double = self
 
@@ -136,8 +153,7 @@ class DiscoDouble:
                 if self.path == LOAD:
                     return self._answer(200, double.table or [])
                 if self.path == NODEINFO:
-                    hosts = [{"node": host} for host, _ in double.table or []]
-                    return self._answer(200, {"available": hosts, "active": []})
+                    return self._answer(200, double.nodeinfo())
                 self._answer(404, "Not found.")
 
             def _answer(self, status: int, payload: Any) -> None:
