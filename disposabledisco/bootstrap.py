@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import statefiles
+from . import disco_source, statefiles
 from .disco import settings_py
 
 if TYPE_CHECKING:
@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 ROLES = ("master", "slave")
 CLUSTER_KEY_COMMENT = "disposabledisco-cluster"
 STAGED_TARBALL = "/var/lib/disposabledisco/disco.tar"
+STAGED_SOURCE = "/var/lib/disposabledisco/disco-source.tar.gz"
+#: what the master needs to build Disco (source mode; disco_build.sh names the same)
+BUILD_PACKAGES = ("erlang-nox", "erlang-dev", "rebar", "erlang-eunit", "erlang-tools", "make",
+                  "git", "python3")
 DISCO_APT_ROLE_ONLY = {"disco-master": "master", "disco-node": "slave"}
 ShellValue = str | int | Sequence[str]
 
@@ -60,7 +64,10 @@ def assignments(values: Mapping[str, ShellValue]) -> str:
             items = " ".join(shlex.quote(str(item)) for item in value)
             lines.append(f"{name}=({items})")
         else:
-            lines.append(f"{name}={shlex.quote(str(value))}")
+            quoted = shlex.quote(str(value))
+            if "$" in quoted or "`" in quoted:  # an embedded script: data, never expanded
+                lines.append("# shellcheck disable=SC2016")
+            lines.append(f"{name}={quoted}")
     return "\n".join(lines) + "\n"
 
 
@@ -120,6 +127,8 @@ def snippet(config: Config, name: str, **extra: ShellValue) -> str:
         "DISCO_ROOT": config["DISCO_ROOT"],
         "DISCO_INSTALL": config["DISCO_INSTALL"],
         "CLUSTER_KEY_COMMENT": CLUSTER_KEY_COMMENT,
+        # join_unpack and disco_apply write the settings again after what they change
+        "SETTINGS_PY": settings_py(config, node_count(config)),
         **extra,
     }
     return _script(f"disposabledisco {name}", values, ("lib.sh", f"{name}.sh"),
@@ -138,7 +147,7 @@ def script_values(config: Config, role: str) -> dict[str, ShellValue]:
         "DISCO_TARBALL_URL": tarball if is_url else "",
         "DISCO_APT_SOURCE": config["DISCO_APT_SOURCE"] or "",
         "DISCO_APT_PACKAGES": apt_packages_for(config, role),
-        "PACKAGES": packages(config),
+        "PACKAGES": packages(config, role),
         "PIP_REQUIREMENTS": list(config["PIP_REQUIREMENTS"]),
         "MGMT_KEY": config["MGMT_KEY"] or "",
         "SETTINGS_PY": settings_py(config, node_count(config)),
@@ -152,7 +161,35 @@ def script_values(config: Config, role: str) -> dict[str, ShellValue]:
         values["CLUSTER_KEY_COMMENT"] = CLUSTER_KEY_COMMENT
         if not is_url:
             values["DISCO_TARBALL_SHA256"] = tarball_sha256(config)
+        if config["DISCO_INSTALL"] == "source":
+            values.update(source_values(config))
     return values
+
+
+def source_values(config: Config) -> dict[str, ShellValue]:
+    """What the master's source build uses. The bundle's hash (local file) or its URL and
+    pinned hash, or the assembler itself and its base URL, and the build script with our
+    fixes are all in the script, so each is in the bootstrap digest: a change builds again."""
+    source = config["DISCO_SOURCE"] or ""
+    is_url = source.startswith(("https://", "s3://"))
+    values: dict[str, ShellValue] = {
+        "DISCO_SOURCE_URL": source if is_url else "",
+        "DISCO_SOURCE_SHA256": (config["DISCO_SOURCE_SHA256"] or "").lower(),
+        "DISCO_SOURCE_BASE_URL": "",
+        "DISCO_SOURCE_PY": "",
+        "DISCO_BUILD_SH": disco_source.build_script(),
+    }
+    if source and not is_url:
+        values["DISCO_SOURCE_SHA256"] = source_sha256(config)
+    elif not source:
+        values["DISCO_SOURCE_BASE_URL"] = config["DISCO_SOURCE_BASE_URL"]
+        values["DISCO_SOURCE_PY"] = _assembler()
+    return values
+
+
+def _assembler() -> str:
+    """disco_source.py itself: standard library only, so the master runs it as a file."""
+    return (resources.files("disposabledisco") / "disco_source.py").read_text()
 
 
 def node_count(config: Config) -> int:
@@ -160,11 +197,14 @@ def node_count(config: Config) -> int:
     return 1 + sum(group.count for group in config.slave_groups)
 
 
-def packages(config: Config) -> list[str]:
-    """apt packages every node gets: the config's lists plus what Disco needs, no repeats."""
+def packages(config: Config, role: str) -> list[str]:
+    """apt packages a role gets: the config's lists plus what Disco needs, no repeats. In
+    source mode only the master builds, so only it gets the build tools."""
     wanted = [*config["BASE_PACKAGES"], *config["ADDITIONAL_PACKAGES"], "python-is-python3"]
-    if config["DISCO_INSTALL"] in ("apt", "tarball"):
-        wanted.append("erlang-nox")
+    if config["DISCO_INSTALL"] in ("apt", "tarball", "source"):
+        wanted += ["erlang-nox", "python3"]
+    if config["DISCO_INSTALL"] == "source" and role == "master":
+        wanted += BUILD_PACKAGES
     if config["PIP_REQUIREMENTS"]:
         wanted.append("python3-venv")
     return list(dict.fromkeys(wanted))
@@ -178,24 +218,49 @@ def apt_packages_for(config: Config, role: str) -> list[str]:
             if DISCO_APT_ROLE_ONLY.get(p, role) == role]
 
 
+def _local_file(config: Config, key: str, mode: str) -> Path | None:
+    value = config[key]
+    if config["DISCO_INSTALL"] != mode or not value or value.startswith(("https://", "s3://")):
+        return None
+    return config.resolve_path(value)
+
+
 def local_tarball(config: Config) -> Path | None:
     """The operator-side Disco tarball file, when DISCO_INSTALL is tarball from a path."""
-    tarball = config["DISCO_TARBALL"]
-    if config["DISCO_INSTALL"] != "tarball" or not tarball or \
-            tarball.startswith(("https://", "s3://")):
-        return None
-    return config.resolve_path(tarball)
+    return _local_file(config, "DISCO_TARBALL", "tarball")
+
+
+def local_source(config: Config) -> Path | None:
+    """The operator-side source bundle, when DISCO_INSTALL is source from a path."""
+    return _local_file(config, "DISCO_SOURCE", "source")
 
 
 def tarball_sha256(config: Config) -> str:
     """sha256 of the local tarball (cached per size and mtime: passes run often)."""
-    path = local_tarball(config)
+    return _sha256_of(local_tarball(config), "DISCO_TARBALL")
+
+
+def source_sha256(config: Config) -> str:
+    """sha256 of the local source bundle: it names the build (same cache)."""
+    return _sha256_of(local_source(config), "DISCO_SOURCE")
+
+
+def source_identity(config: Config) -> str:
+    """What decides the installed tree slaves get in source mode ("" otherwise): a change
+    makes every slave join (and receive the tree) again."""
+    if config["DISCO_INSTALL"] != "source":
+        return ""
+    text = "\n".join(str(v) for v in source_values(config).values())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _sha256_of(path: Path | None, key: str) -> str:
     if path is None:
         return ""
     try:
         stat = path.stat()
     except OSError as error:
-        raise BootstrapError(f"DISCO_TARBALL {path}: {error.strerror}") from error
+        raise BootstrapError(f"{key} {path}: {error.strerror}") from error
     return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 

@@ -772,6 +772,10 @@ def _warnings(values: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:
     if values["DISCO_TARBALL_SHA256"] is not None and values["DISCO_INSTALL"] != "tarball":
         out.append(f"DISCO_TARBALL_SHA256 is ignored because DISCO_INSTALL is "
                    f"{_show(values['DISCO_INSTALL'])}, not \"tarball\".")
+    for key in ("DISCO_SOURCE", "DISCO_SOURCE_SHA256"):
+        if values[key] is not None and values["DISCO_INSTALL"] != "source":
+            out.append(f"{key} is ignored because DISCO_INSTALL is "
+                       f"{_show(values['DISCO_INSTALL'])}, not \"source\".")
     if values["DISCO_APT_SOURCE"] is not None and values["DISCO_INSTALL"] != "apt":
         out.append(f"DISCO_APT_SOURCE is ignored because DISCO_INSTALL is "
                    f"{_show(values['DISCO_INSTALL'])}, not \"apt\".")
@@ -1067,10 +1071,11 @@ def _local_problems(config: Config) -> list[str]:
     folder), and a named AWS profile that does not exist. One sentence each."""
     out = []
     paths = {"STATE_DIR": config["STATE_DIR"], "SSH_KEY_FILE": config["SSH_KEY_FILE"]}
-    tarball = config["DISCO_TARBALL"]
-    if (config["DISCO_INSTALL"] == "tarball" and isinstance(tarball, str)
-            and not tarball.startswith(("https://", "s3://"))):
-        paths["DISCO_TARBALL"] = tarball
+    for key, mode in (("DISCO_TARBALL", "tarball"), ("DISCO_SOURCE", "source")):
+        value = config[key]
+        if (config["DISCO_INSTALL"] == mode and isinstance(value, str)
+                and not value.startswith(("https://", "s3://"))):
+            paths[key] = value
     for key, value in list(paths.items()):
         if isinstance(value, str) and value.startswith("~") and _home_missing(value):
             user = value[1:].split("/", 1)[0]
@@ -1079,9 +1084,10 @@ def _local_problems(config: Config) -> list[str]:
             del paths[key]
     if "STATE_DIR" in paths:
         out += _state_dir_problems(config)
-    if "DISCO_TARBALL" in paths:
-        out += _tarball_problems(config.resolve_path(paths["DISCO_TARBALL"]),
-                                 config["DISCO_TARBALL_SHA256"])
+    for key in ("DISCO_TARBALL", "DISCO_SOURCE"):
+        if key in paths:
+            out += _tarball_problems(key, config.resolve_path(paths[key]),
+                                     config[f"{key}_SHA256"])
     profile = config["AWS_PROFILE"]
     if profile and not _profile_exists(profile):
         out.append(f"AWS_PROFILE is {_show(profile)}, which is not a profile in the AWS config "
@@ -1130,40 +1136,39 @@ def _state_dir_problems(config: Config) -> list[str]:
     return []
 
 
-def _tarball_problems(path: Path, sha256: str | None) -> list[str]:
-    """A local DISCO_TARBALL must be a readable regular file (a folder, a FIFO or a file
-    that cannot be read would only fail once nodes are being bootstrapped), with the
-    DISCO_TARBALL_SHA256 the config pins, if any."""
+def _tarball_problems(key: str, path: Path, sha256: str | None) -> list[str]:
+    """A local DISCO_TARBALL or DISCO_SOURCE (`key`) must be a readable regular file (a
+    folder, a FIFO or a file that cannot be read would only fail once nodes are being
+    bootstrapped), with the `key`_SHA256 the config pins, if any."""
+    what = "source bundle" if key == "DISCO_SOURCE" else "tarball"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return [f"DISCO_TARBALL {path} does not exist; give the path of a Disco source "
-                "tarball, or an https:// or s3:// URL."]
+        return [f"{key} {path} does not exist; give the path of a Disco {what} file, "
+                "or an https:// or s3:// URL."]
     except OSError as error:
-        return [f"DISCO_TARBALL {path} cannot be read ({error.strerror or error}); fix its "
+        return [f"{key} {path} cannot be read ({error.strerror or error}); fix its "
                 "permissions or give another file."]
     digest = hashlib.sha256()
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
-            return [f"DISCO_TARBALL {path} is a folder, not a tarball; give the .tar.gz file "
-                    "(e.g. made with `git archive`)."]
+            return [f"{key} {path} is a folder, not a {what}; give the .tar.gz file."]
         if not stat.S_ISREG(mode):
-            return [f"DISCO_TARBALL {path} is {_file_kind(mode)}, not a regular file; give a "
-                    "tarball file."]
+            return [f"{key} {path} is {_file_kind(mode)}, not a regular file; give a "
+                    f"{what} file."]
         if sha256 is None:
             return []
         for block in iter(lambda: os.read(fd, 1 << 20), b""):
             digest.update(block)
     except OSError as error:
-        return [f"DISCO_TARBALL {path} cannot be read ({error.strerror or error}); fix its "
+        return [f"{key} {path} cannot be read ({error.strerror or error}); fix its "
                 "permissions or give another file."]
     finally:
         os.close(fd)
     if digest.hexdigest() != sha256.lower():
-        return [f"DISCO_TARBALL_SHA256 is {sha256.lower()}, but {path} has sha256 "
-                f"{digest.hexdigest()}; "
-                "give the tarball you meant, or update DISCO_TARBALL_SHA256."]
+        return [f"{key}_SHA256 is {sha256.lower()}, but {path} has sha256 "
+                f"{digest.hexdigest()}; give the {what} you meant, or update {key}_SHA256."]
     return []
 
 
@@ -1200,6 +1205,10 @@ def default_config() -> dict[str, Any]:
             cfg[key] = f"disco-{secrets.token_hex(4)}"  # the identity no other config shares
         elif key == "MGMT_KEY":
             cfg[key] = _read_mgmt_key()
+        elif key == "DISCO_INSTALL":
+            # a new cluster builds Disco itself; the schema default stays "preinstalled"
+            # because configs written before "source" existed meant that by leaving it out
+            cfg[key] = "source"
         else:
             cfg[key] = copy.deepcopy(prop.get("default"))
     return cfg

@@ -15,6 +15,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import bootstrap, disco
@@ -43,6 +44,20 @@ NODE_STEP_TIMEOUT_SECONDS = 600
 CLUSTER_SSH_PORT = 22  # Disco's master runs plain `ssh <host>` to start workers
 
 
+class Stamp(str):
+    """The digest a node's bootstrap stamped (equal to the plain string), and whether it
+    wrote new Disco settings (a running Disco must then be restarted to read them)."""
+
+    settings_changed: bool = False
+
+
+class AppliedTable(list[list[str]]):
+    """The host table as applied (equal to the plain list), plus what the master reported
+    besides, e.g. that it restarted Disco because its settings changed."""
+
+    note: str = ""
+
+
 class Provisioner:
     """Node work over SSH for one config; the reconciler tags instances from the outcomes."""
 
@@ -53,30 +68,33 @@ class Provisioner:
 
     # -- bootstrap -------------------------------------------------------------------
 
-    def bootstrap(self, nodes: list[Node]) -> dict[str, Outcome[str]]:
+    def bootstrap(self, nodes: list[Node]) -> dict[str, Outcome[Stamp]]:
         """Run each node's role script (in parallel); the value is the digest it stamped."""
         scripts = {role: (bootstrap.render(self.config, role),
                           bootstrap.digest(self.config, role))
                    for role in {node.role for node in nodes}}
         by_id = {node.instance_id: node for node in nodes}
 
-        def work(session: Session) -> str:
+        def work(session: Session) -> Stamp:
             node = by_id[session.target.instance_id]
             if node.role == "master":
-                self._upload_tarball(session)
+                self._upload(session, bootstrap.local_tarball(self.config),
+                             bootstrap.tarball_sha256(self.config), bootstrap.STAGED_TARBALL)
+                self._upload(session, bootstrap.local_source(self.config),
+                             bootstrap.source_sha256(self.config), bootstrap.STAGED_SOURCE)
             script, digest = scripts[node.role]
-            session.script(script, digest, sudo=True)
-            return digest
+            stamp = Stamp(digest)
+            stamp.settings_changed = "settings-changed" in session.script(
+                script, digest, sudo=True).stdout.split()
+            return stamp
 
         return self._parallel(nodes, work, BOOTSTRAP_TIMEOUT_SECONDS)
 
-    def _upload_tarball(self, session: Session) -> None:
-        """A local DISCO_TARBALL goes to the master only (slaves get it from the master)."""
-        path = bootstrap.local_tarball(self.config)
+    def _upload(self, session: Session, path: Path | None, want: str, staged: str) -> None:
+        """A local DISCO_TARBALL or DISCO_SOURCE goes to the master only, unless it is
+        there already (slaves get the installed tree from the master)."""
         if path is None:
             return
-        want = bootstrap.tarball_sha256(self.config)
-        staged = bootstrap.STAGED_TARBALL
         have = session.run(f"install -d -m 0755 /var/lib/disposabledisco && "
                            f"{{ sha256sum {staged} 2>/dev/null || true; }}",
                            sudo=True).stdout.split(" ", 1)[0]
@@ -101,10 +119,11 @@ class Provisioner:
         with self.ssh.connect(self._target(master)) as master_session:
             payload = self._read_cluster_secrets(master_session)
             self._trust_slaves(master_session, pinned, store)
+            tree = self._tree_sha256(master_session) if pinned else ""
             by_id = {s.instance_id: s for s in pinned}
             outcomes.update(self._parallel(pinned, lambda session: self._join_slave(
                 session, by_id[session.target.instance_id], master_session, master,
-                payload)))
+                payload, tree)))
         return {s.instance_id: outcomes[s.instance_id] for s in slaves}
 
     def _read_cluster_secrets(self, session: Session) -> bytes:
@@ -130,13 +149,23 @@ class Provisioner:
         session.script(script + entries, sudo=True)
 
     def _join_slave(self, session: Session, slave: Node, master_session: Session,
-                    master: Node, payload: bytes) -> str:
+                    master: Node, payload: bytes, want: str) -> str:
         result = session.script(bootstrap.snippet(self.config, "join_slave").encode()
                                 + payload, sudo=True, secret=True)
-        want = bootstrap.tarball_sha256(self.config)
         if want and f"tarball={want}" not in result.stdout.split():
             self._copy_tarball(session, master_session, slave, want)
         return master.instance_id
+
+    def _tree_sha256(self, master_session: Session) -> str:
+        """The installed tree a slave must have: the local DISCO_TARBALL's hash, or in
+        source mode the hash of the tree the master built and unpacked ("" otherwise)."""
+        if self.config["DISCO_INSTALL"] != "source":
+            return bootstrap.tarball_sha256(self.config)
+        answer = master_session.run("cat /var/lib/disposabledisco/tarball.sha256", sudo=True,
+                                    check=False).stdout.strip()
+        if len(answer) != 64:
+            raise ValueError("the master has no built Disco tree yet (bootstrap it first)")
+        return answer
 
     def _copy_tarball(self, session: Session, master_session: Session, slave: Node,
                       sha256: str) -> None:
@@ -150,12 +179,12 @@ class Provisioner:
 
     # -- membership ------------------------------------------------------------------
 
-    def apply_membership(self, master: Node, members: list[Node]) -> Outcome[list[list[str]]]:
+    def apply_membership(self, master: Node, members: list[Node]) -> Outcome[AppliedTable]:
         """/etc/hosts on every member, then the master's host table file and live table."""
         started = time.monotonic()
         everyone = _unique([master, *members])
         try:
-            table = self.host_table(master, everyone)
+            table = AppliedTable(self.host_table(master, everyone))
         except (KeyError, ValueError) as error:
             return _failed(f"host table: {error}")
         errors: list[tuple[str, str]] = []
@@ -164,7 +193,7 @@ class Provisioner:
             errors += [(o.error, o.fault) for o in results.values() if not o.ok]
         try:
             with self.ssh.connect(self._target(master)) as session:
-                self._apply_table(session, master, table)
+                table.note = self._apply_table(session, master, table)
         except SshError as error:
             errors.append((str(error), fault_of(error)))
         seconds = time.monotonic() - started
@@ -182,17 +211,20 @@ class Provisioner:
         return desired_table(self.config, master, members,
                              {n.instance_id: counts[n.instance_type] for n in members})
 
-    def _apply_table(self, session: Session, master: Node, table: list[list[str]]) -> None:
+    def _apply_table(self, session: Session, master: Node, table: list[list[str]]) -> str:
+        """Write and apply the table; returns the master's note (a restart), if any."""
         root, port, user = (self.config[k] for k in ("DISCO_ROOT", "DISCO_PORT", "DISCO_USER"))
         # DISCO_ROOT is the Disco user's: written as that user, never through its links
         session.write_file(f"{root}/disco_{port}.config", disco.host_table_json(table),
                            0o644, owner=user, as_owner=True)
         if self.config["DISCO_INSTALL"] == "none":
-            return
+            return ""
         url = f"http://{master.private_ip}:{port}/disco/ctrl/save_config_table"
         script = bootstrap.snippet(self.config, "disco_apply", TABLE_URL=url,
                                    START_DEADLINE_SECONDS=START_DEADLINE_SECONDS)
-        session.script(script + json.dumps(table) + "\n", sudo=True)
+        result = session.script(script + json.dumps(table) + "\n", sudo=True)
+        return "; ".join(line for line in result.stdout.splitlines()
+                         if line.startswith("restarted Disco"))
 
     def _target(self, node: Node) -> Target:
         return node_target(self.config, node)

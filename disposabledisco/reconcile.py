@@ -121,10 +121,13 @@ class PassReport:
 
 
 def desired_state(config: Config, instance_ids: Iterable[str] = ()) -> Desired:
-    """What 'done' means this pass; reads a local DISCO_TARBALL and the pinned host keys."""
+    """What 'done' means this pass; reads a local DISCO_TARBALL or DISCO_SOURCE and the
+    pinned host keys."""
     suffix = ""
     if bootstrap.local_tarball(config) is not None:
         suffix = "@" + bootstrap.tarball_sha256(config)[:16]
+    elif config["DISCO_INSTALL"] == "source":  # slaves get the tree built from this source
+        suffix = "@" + bootstrap.source_identity(config)[:16]
     return Desired(bootstrap={role: bootstrap.digest(config, role) for role in
                               ("master", "slave")},
                    open_timeout=timedelta(minutes=config["SPOT_OPEN_TIMEOUT_MINUTES"]),
@@ -176,6 +179,7 @@ class _Applier:
         self.bootstrapped = {i for i, n in self.by_id.items()
                              if n.tags.get(TAG_BOOTSTRAP) == desired.get(n.role)}
         self.joined = {i: n.tags.get(TAG_JOINED) for i, n in self.by_id.items()}
+        self.settings_changed: set[str] = set()
         self.digests = desired
         self.join_suffix = cluster.desired.join_suffix
 
@@ -226,6 +230,9 @@ class _Applier:
             if ids:
                 self.ec2.tag(ids, {TAG_BOOTSTRAP: self.digests[role]})
         self.bootstrapped.update(done)
+        # provision.Stamp.settings_changed: the node wrote new Disco settings
+        self.settings_changed.update(i for i in done if getattr(
+            getattr(outcomes[i], "value", None), "settings_changed", False))
         return self._node_result(action, outcomes)
 
     def _Join(self, action: Join) -> ActionResult:
@@ -324,7 +331,10 @@ class _Applier:
                   and i in self.bootstrapped
                   and self.joined.get(i) == self._join_tag(action.master_id, i)]
         digest = membership_digest(master, slaves, multipliers(self.config))
-        if master.tags.get(TAG_HOSTS) == digest:
+        # A master whose bootstrap in this pass wrote new settings (replica counts, ...)
+        # has a running Disco that has not read them: the step runs and restarts it.
+        if master.tags.get(TAG_HOSTS) == digest and \
+                action.master_id not in self.settings_changed:
             return ActionResult(action, True, "host table already current", skipped=True)
         outcome = self.nodes.apply_membership(master, [master, *slaves])
         self._record_failures({action.master_id: outcome})
@@ -334,7 +344,10 @@ class _Applier:
                                     action.master_id, outcome)})
         self.ec2.tag([action.master_id], {TAG_HOSTS: digest})
         self.by_id[action.master_id] = _with_tag(master, TAG_HOSTS, digest)
-        return ActionResult(action, True, f"{1 + len(slaves)} host(s)")
+        # what the master said besides (provision.AppliedTable.note: a restart of Disco)
+        note = getattr(getattr(outcome, "value", None), "note", "")
+        return ActionResult(action, True, f"{1 + len(slaves)} host(s)"
+                            + (f"; {note}" if note else ""))
 
 
 @dataclass(frozen=True)

@@ -157,10 +157,21 @@ def test_url_tarball_is_fetched_by_the_node() -> None:
 def test_packages_add_what_disco_needs_without_repeats() -> None:
     cfg = config(BASE_PACKAGES=["python3"], ADDITIONAL_PACKAGES=["jq", "python3"],
                  PIP_REQUIREMENTS=["numpy"], **APT)
-    assert bootstrap.packages(cfg) == ["python3", "jq", "python-is-python3", "erlang-nox",
-                                       "python3-venv"]
-    assert bootstrap.packages(config(BASE_PACKAGES=[], DISCO_INSTALL="none")) == [
+    for role in bootstrap.ROLES:
+        assert bootstrap.packages(cfg, role) == ["python3", "jq", "python-is-python3",
+                                                 "erlang-nox", "python3-venv"]
+    assert bootstrap.packages(config(BASE_PACKAGES=[], DISCO_INSTALL="none"), "master") == [
         "python-is-python3"]
+
+
+def test_source_mode_gives_build_tools_to_the_master_only() -> None:
+    cfg = config(BASE_PACKAGES=[], DISCO_INSTALL="source")
+    assert bootstrap.packages(cfg, "master") == [
+        "python-is-python3", "erlang-nox", "python3", "erlang-dev", "rebar", "erlang-eunit",
+        "erlang-tools", "make", "git"]
+    assert bootstrap.packages(cfg, "slave") == ["python-is-python3", "erlang-nox", "python3"]
+    # the build script names the same packages when a tool is missing
+    assert " ".join(bootstrap.BUILD_PACKAGES) in bootstrap.disco_source.build_script()
 
 
 def test_apt_packages_split_between_roles() -> None:

@@ -86,8 +86,10 @@ def test_schema_covers_the_contract_keys():
         "DISCO_APT_PACKAGES", "DISCO_USER", "DISCO_ROOT", "DISCO_PORT", "DISCO_SETTINGS",
         "MANAGE_HOSTS_FILE",
     }
-    # beyond DESIGN.md: how long a pass waits for SSH; the tarball's pinned hash
-    ours = {"SSH_DEADLINE_SECONDS", "DISCO_TARBALL_SHA256"}
+    # beyond DESIGN.md: how long a pass waits for SSH; the tarball's pinned hash; the
+    # source build (issue 8)
+    ours = {"SSH_DEADLINE_SECONDS", "DISCO_TARBALL_SHA256", "DISCO_SOURCE",
+            "DISCO_SOURCE_SHA256", "DISCO_SOURCE_BASE_URL"}
     assert set(load_schema()["properties"]) == design_keys | ours | {"$schema"}
 
 

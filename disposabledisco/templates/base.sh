@@ -196,46 +196,129 @@ install_disco_apt() {
   compile_disco_quietly
 }
 
-# tarball mode from a URL: fetch once per URL, then unpack. https never follows a redirect
-# to anything but https, and with DISCO_TARBALL_SHA256 the file must have that hash.
+# download KEY URL DEST SHA256: https never follows a redirect to anything but https, and
+# with a SHA256 (the config's KEY_SHA256) the file must have that hash.
+download() {
+  local key=$1 url=$2 dest=$3 want=$4 part=$3.part sum
+  case $url in
+  https://*)
+    command -v curl >/dev/null 2>&1 ||
+      die_config "$key is an https:// URL but curl is missing on $(node_name)"
+    curl --fail --silent --show-error --location --proto =https --proto-redir =https \
+      --retry 3 -o "$part" "$url"
+    ;;
+  s3://*)
+    command -v aws >/dev/null 2>&1 ||
+      die_config "$key is an s3:// URL but the aws CLI is missing on $(node_name)"
+    aws s3 cp --only-show-errors "$url" "$part"
+    ;;
+  *) die_config "unsupported $key URL: $url" ;;
+  esac
+  # a mismatch repeats on any node: the config's fault (or the server's), not this node's
+  if [[ -n $want ]]; then
+    sum=$(sha256sum "$part" | cut -d' ' -f1)
+    if [[ $sum != "${want,,}" ]]; then
+      rm -f "$part"
+      die_config "$url has sha256 $sum, ${key}_SHA256 says $want"
+    fi
+  fi
+  mv -f "$part" "$dest"
+}
+
+# tarball mode from a URL: fetch once per URL, then unpack.
 fetch_disco_tarball() {
   if [[ -f $STATE_DIR/tarball.source && $(<"$STATE_DIR/tarball.source") == "$DISCO_TARBALL_URL" &&
     -f $STATE_DIR/tarball.sha256 ]]; then
     log "Disco tarball from $DISCO_TARBALL_URL already unpacked"
     return
   fi
-  local part=$STAGED_TARBALL.part
-  case $DISCO_TARBALL_URL in
-  https://*)
-    command -v curl >/dev/null 2>&1 ||
-      die_config "DISCO_TARBALL is an https:// URL but curl is missing on $(node_name)"
-    curl --fail --silent --show-error --location --proto =https --proto-redir =https \
-      --retry 3 -o "$part" "$DISCO_TARBALL_URL"
-    ;;
-  s3://*)
-    command -v aws >/dev/null 2>&1 ||
-      die_config "DISCO_TARBALL is an s3:// URL but the aws CLI is missing on $(node_name)"
-    aws s3 cp --only-show-errors "$DISCO_TARBALL_URL" "$part"
-    ;;
-  *) die_config "unsupported DISCO_TARBALL URL: $DISCO_TARBALL_URL" ;;
-  esac
-  verify_download "$part"
-  mv -f "$part" "$STAGED_TARBALL"
+  download DISCO_TARBALL "$DISCO_TARBALL_URL" "$STAGED_TARBALL" "$DISCO_TARBALL_SHA256"
   rm -f "$STATE_DIR/tarball.sha256"
   unpack_tarball "$STAGED_TARBALL"
   printf '%s\n' "$DISCO_TARBALL_URL" | write_file 0644 root:root "$STATE_DIR/tarball.source"
 }
 
-# A downloaded file must match DISCO_TARBALL_SHA256 when the config sets it; a mismatch
-# repeats on any node, so it is the config's fault (or the server's), not this node's.
-verify_download() {
-  local file=$1 sum
-  [[ -n $DISCO_TARBALL_SHA256 ]] || return 0
-  sum=$(sha256sum "$file" | cut -d' ' -f1)
-  if [[ $sum != "${DISCO_TARBALL_SHA256,,}" ]]; then
-    rm -f "$file"
-    die_config "$DISCO_TARBALL_URL has sha256 $sum, DISCO_TARBALL_SHA256 says $DISCO_TARBALL_SHA256"
+# -- source mode (master only) -------------------------------------------------------------
+STAGED_SOURCE=$STATE_DIR/disco-source.tar.gz
+BUILD_DIR=$STATE_DIR/build
+
+# The bundle: uploaded before this script (a local DISCO_SOURCE), downloaded once per URL,
+# or assembled here from DISCO_SOURCE_BASE_URL once per base URL and pin set.
+fetch_disco_source() {
+  local origin
+  if [[ -n $DISCO_SOURCE_URL ]]; then
+    origin="url $DISCO_SOURCE_URL"
+  elif [[ -n $DISCO_SOURCE_PY ]]; then
+    origin="assembled $DISCO_SOURCE_BASE_URL $(printf '%s' "$DISCO_SOURCE_PY" | sha256sum | cut -d' ' -f1)"
+  else
+    [[ -f $STAGED_SOURCE ]] || die "the Disco source bundle was not uploaded to $STAGED_SOURCE"
+    rm -f "$STATE_DIR/source.origin"
+    return
   fi
+  if [[ -f $STAGED_SOURCE && -f $STATE_DIR/source.origin &&
+    $(<"$STATE_DIR/source.origin") == "$origin" ]]; then
+    log "Disco source bundle ($origin) already here"
+    return
+  fi
+  rm -f "$STATE_DIR/source.origin"
+  if [[ -n $DISCO_SOURCE_URL ]]; then
+    download DISCO_SOURCE "$DISCO_SOURCE_URL" "$STAGED_SOURCE" "$DISCO_SOURCE_SHA256"
+  else
+    assemble_disco_source
+  fi
+  printf '%s\n' "$origin" | write_file 0644 root:root "$STATE_DIR/source.origin"
+}
+
+# DISCO_SOURCE null: disco_source.py (standard library only) fetches the pinned commits.
+assemble_disco_source() {
+  local script out rc=0
+  script=$(mktemp)
+  printf '%s' "$DISCO_SOURCE_PY" >"$script"
+  log "assembling the Disco source bundle from $DISCO_SOURCE_BASE_URL at the pinned commits"
+  out=$(python3 -I "$script" "$STAGED_SOURCE" "$DISCO_SOURCE_BASE_URL" 2>&1) || rc=$?
+  rm -f "$script"
+  if ((rc != 0)); then
+    printf '%s\n' "$out" >&2
+    die_config "could not assemble the Disco source bundle on $(node_name): ${out##*$'\n'} (with DISCO_SOURCE null the master fetches from DISCO_SOURCE_BASE_URL: allow it outbound https, or set DISCO_SOURCE to a bundle file)"
+  fi
+}
+
+# disco_build.sh (rendered with our fixes) once per bundle hash. It fails with its last line
+# `disco build: FAILED: step NAME` after the step's log tail: a fresh master would fail the
+# same, so it is the config's (the bundle's) fault and no node is replaced for it.
+run_disco_build() {
+  local sum=$1 errors rc=0 failed
+  errors=$(mktemp)
+  log "building Disco from the source bundle $sum"
+  printf '%s' "$DISCO_BUILD_SH" | bash -s -- "$STAGED_SOURCE" "$sum" "$BUILD_DIR" \
+    >/dev/null 2>"$errors" || rc=$?
+  if ((rc != 0)); then
+    tail -n 45 "$errors" >&2
+    failed=$(sed -n 's/^disco build: FAILED: //p' "$errors" | tail -n 1)
+    rm -f "$errors"
+    die_config "the Disco build failed on $(node_name) at ${failed:-an unknown step} (its log tail is above): fix the source bundle in DISCO_SOURCE"
+  fi
+  grep -E '^disco build: (step|built)' "$errors" >&2 || true
+  rm -f "$errors"
+}
+
+build_disco_from_source() {
+  local sum target
+  install -d -m 0755 "$STATE_DIR" "$BUILD_DIR"
+  fetch_disco_source
+  sum=$(sha256sum "$STAGED_SOURCE" | cut -d' ' -f1)
+  [[ -z $DISCO_SOURCE_SHA256 || $sum == "${DISCO_SOURCE_SHA256,,}" ]] ||
+    die_config "the Disco source bundle on $(node_name) has sha256 $sum, expected $DISCO_SOURCE_SHA256 (DISCO_SOURCE or DISCO_SOURCE_SHA256 changed)"
+  target=$BUILD_DIR/disco-installed-$sum.tar.gz
+  if [[ -s $target ]]; then
+    log "Disco already built from the source bundle $sum"
+  else
+    run_disco_build "$sum"
+    find "$BUILD_DIR" -maxdepth 1 -name 'disco-installed-*.tar.gz' ! -name "${target##*/}" -delete
+  fi
+  # the staged tarball is what join_copy sends to the slaves
+  cmp -s "$target" "$STAGED_TARBALL" || install -m 0644 "$target" "$STAGED_TARBALL"
+  unpack_tarball "$STAGED_TARBALL"
 }
 
 # Disco itself, per DISCO_INSTALL. A local tarball reaches the master before this script
@@ -246,6 +329,15 @@ install_disco() {
   preinstalled) verify_disco_path disco erl python ;;
   apt)
     install_disco_apt
+    verify_disco_path disco erl python
+    ;;
+  source)
+    if [[ $ROLE == master ]]; then
+      build_disco_from_source
+    else
+      log "the installed Disco tree comes from the master when this slave joins"
+      return
+    fi
     verify_disco_path disco erl python
     ;;
   tarball)
@@ -262,22 +354,6 @@ install_disco() {
     ;;
   *) die_config "unknown DISCO_INSTALL: $DISCO_INSTALL" ;;
   esac
-}
-
-write_disco_settings() {
-  install -d -m 0755 /etc/disco
-  [[ $(stat -c '%u %F' -- /etc/disco) == "0 directory" ]] ||
-    die "/etc/disco on $(node_name) is not a directory of root's: refusing to write settings there"
-  {
-    printf '%s' "$SETTINGS_PY"
-    if [[ $ROLE == master ]]; then
-      local host
-      host=$(hostname -s)
-      [[ $host =~ ^[A-Za-z0-9-]+$ ]] || die "the master's short hostname '$host' is not usable by Disco"
-      printf "DISCO_MASTER_HOST = '%s'\n" "$host"
-    fi
-  } | write_file 0644 root:root /etc/disco/settings.py
-  ensure_disco_root
 }
 
 # DISCO_ROOT: each missing folder is made by the owner of the folder it goes in (root or
@@ -341,5 +417,8 @@ bootstrap_common() {
   install_pip_requirements
   install_mgmt_keys
   install_disco
-  write_disco_settings
+  local changed
+  changed=$(write_disco_settings "$ROLE")
+  [[ -z $changed ]] || echo settings-changed
+  ensure_disco_root
 }

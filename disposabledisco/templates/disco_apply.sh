@@ -24,16 +24,29 @@ if "table saved!" not in answer:
 print(f"{url}: {answer.strip()}")
 PY
 
+# Disco reads its settings only at start: record what it was started with, and restart
+# it when the file differs (a bootstrap earlier in this pass rewrote it, e.g. replica counts
+# after a change of NUM_SLAVES). Said on stdout, which the pass reports.
 main() {
   require_root
-  local status
+  local status started=$STATE_DIR/disco-started-settings.sha256 current
+  # the membership step rewrites the master's settings too (repairs drift found here)
+  write_disco_settings master >/dev/null
+  current=$(<"$STATE_DIR/settings.sha256")
   status=$(as_disco disco status </dev/null 2>&1 || true)
+  if grep -qw running <<<"$status" && [[ -f $started && $(<"$started") != "$current" ]]; then
+    log "the settings changed since Disco started: restarting Disco"
+    as_disco disco stop </dev/null >&2 || true
+    status=stopped
+    echo "restarted Disco on $(node_name): its settings changed"
+  fi
   if ! grep -qw running <<<"$status"; then
     log "starting Disco"
     # it fails the same way on a fresh master (settings come from the config, the rest of
     # the node was checked by the bootstrap): the config's fault, never the master's
-    as_disco disco start </dev/null ||
+    as_disco disco start </dev/null >&2 ||
       die_config "disco start failed on $(node_name) (check DISCO_SETTINGS, DISCO_PORT and DISCO_ROOT)"
   fi
+  printf '%s\n' "$current" | write_file 0644 root:root "$started"
   python3 -W ignore -c "$POST_TABLE_PY" "$TABLE_URL" "$START_DEADLINE_SECONDS"
 }

@@ -1,6 +1,7 @@
-# join_unpack.sh (slave): take the tarball the master just copied over and unpack it. The
-# copy sits in the Disco user's home: it is read by that user (no link followed) into
-# root's STATE_DIR, never chowned or moved by root.
+# join_unpack.sh (slave): take the tarball the master just copied over and unpack it, then
+# write the settings again (the install's values under ours). The copy sits in the Disco
+# user's home: it is read by that user (no link followed) into root's STATE_DIR, never
+# chowned or moved by root.
 
 main() {
   require_root
@@ -16,5 +17,6 @@ main() {
   chmod 0644 "$part"
   mv -f "$part" "$STAGED_TARBALL"
   unpack_tarball "$STAGED_TARBALL" "$DISCO_TARBALL_SHA256"
+  write_disco_settings slave >/dev/null
   verify_disco_path disco erl python
 }

@@ -172,7 +172,14 @@ unpack_tarball() {
     return
   fi
   log "unpacking Disco tarball $sum at /"
-  tar -xf "$file" -C / --no-same-owner --no-overwrite-dir "${skip[@]}"
+  # its settings file is the install's: kept aside for write_disco_settings, never put
+  # over the one we write (a joining slave ended up with the tarball's settings)
+  rm -f "$INSTALLED_SETTINGS"
+  tar -xOf "$file" --wildcards --no-anchored 'etc/disco/settings.py' 2>/dev/null |
+    write_file 0644 root:root "$INSTALLED_SETTINGS" || true
+  [[ -s $INSTALLED_SETTINGS ]] || rm -f "$INSTALLED_SETTINGS"
+  tar -xf "$file" -C / --no-same-owner --no-overwrite-dir --exclude=etc/disco/settings.py \
+    "${skip[@]}"
   compile_disco_quietly
   printf '%s\n' "$sum" | write_file 0644 root:root "$STATE_DIR/tarball.sha256"
 }
@@ -190,4 +197,73 @@ compile_disco_quietly() {
   fi
   "${compile[@]}" python3 -W ignore -m compileall -q "$dir" >/dev/null 2>&1 ||
     log "could not precompile $dir"
+}
+
+# -- /etc/disco/settings.py: one writer on every node, after every install step ----------
+# The install's own file (tarball, source build, apt package or AMI) sets what Disco needs
+# to find itself (DISCO_HOME, DISCO_WWW_ROOT, ...): it is kept in STATE_DIR and its plain
+# assignments go into the file we write, under ours (SETTINGS_PY), so nothing it needs is
+# lost and nothing of ours is overwritten by a later install.
+SETTINGS_FILE=/etc/disco/settings.py
+INSTALLED_SETTINGS=$STATE_DIR/installed-settings.py
+SETTINGS_HEADER='# Written by disposabledisco'
+
+read -r -d '' MERGE_SETTINGS_PY <<'PY' || true
+import ast, sys
+installed, master_host = sys.argv[1], sys.argv[2]
+ours = sys.stdin.read()
+# where Disco's own `make install` puts itself, for an install that does not say
+values = {"DISCO_HOME": "/usr/lib/disco", "DISCO_WWW_ROOT": "/usr/share/disco/master/www"}
+
+def assignments(text, where):
+    found = {}
+    for node in ast.parse(text, where).body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            try:
+                found[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                print(f"disposabledisco: {where}: {node.targets[0].id} is not a plain value,"
+                      " not kept", file=sys.stderr)
+    return found
+
+try:
+    with open(installed, encoding="utf-8") as handle:
+        values.update(assignments(handle.read(), installed))
+except FileNotFoundError:
+    pass
+kept = sorted(set(values) - set(assignments(ours, "SETTINGS_PY")))
+lines = ours.splitlines()
+lines[1:1] = [f"# kept from the installed settings: {', '.join(kept)}"]
+lines[2:2] = [f"{key} = {values[key]!r}" for key in kept]
+if master_host:
+    lines.append(f"DISCO_MASTER_HOST = {master_host!r}")
+print("\n".join(lines))
+PY
+
+# write_disco_settings ROLE: the merged file; prints "changed" on stdout when it changed.
+write_disco_settings() {
+  local role=$1 host="" before after
+  local folder=${SETTINGS_FILE%/*}
+  install -d -m 0755 "$folder" "$STATE_DIR"
+  [[ $(stat -c '%u %F' -- "$folder") == "0 directory" ]] ||
+    die "$folder on $(node_name) is not a directory of root's: refusing to write settings there"
+  # a file that is not ours came with an install (apt, the AMI, an older unpack): keep it
+  if [[ -f $SETTINGS_FILE && ! -L $SETTINGS_FILE ]] &&
+    [[ $(head -n 1 -- "$SETTINGS_FILE") != "$SETTINGS_HEADER"* ]]; then
+    write_file 0644 root:root "$INSTALLED_SETTINGS" <"$SETTINGS_FILE"
+  fi
+  if [[ $role == master ]]; then
+    host=$(hostname -s)
+    [[ $host =~ ^[A-Za-z0-9-]+$ ]] || die "the master's short hostname '$host' is not usable by Disco"
+  fi
+  before=$(sha256sum "$SETTINGS_FILE" 2>/dev/null | cut -d' ' -f1 || true)
+  printf '%s' "$SETTINGS_PY" | python3 -I -c "$MERGE_SETTINGS_PY" "$INSTALLED_SETTINGS" "$host" |
+    write_file 0644 root:root "$SETTINGS_FILE"
+  after=$(sha256sum "$SETTINGS_FILE" | cut -d' ' -f1)
+  printf '%s\n' "$after" | write_file 0644 root:root "$STATE_DIR/settings.sha256"
+  if [[ $before != "$after" ]]; then
+    log "wrote $SETTINGS_FILE"
+    echo changed
+  fi
 }
