@@ -189,3 +189,125 @@ def test_rendered_job_script_is_shellcheck_clean(config, tmp_path: Path) -> None
     # as test_bootstrap does: SC2034/SC2317 are lib.sh values and helpers this script
     # does not use
     subprocess.run(["shellcheck", "-s", "bash", "-e", "SC2034,SC2317", str(script)], check=True)
+
+
+# -- the disco tier: the node script against a real Disco ------------------------------
+
+from tests.test_disco_build import (  # noqa: E402 - fixtures of the disco tier
+    JOB_TOOLS,
+    OUTER_SH,
+    Build,
+    build_script,  # noqa: F401 - `built` needs it
+    built,  # noqa: F401
+    need_tools,
+)
+
+HOST = "ip-127-0-1-1"   # the namespace's host name: an EC2-style short name, like a node's
+GHOST = "ip-127-0-1-2"  # in /etc/hosts, but no node answers there
+REAL_MASTER, REAL_GHOST = node("127.0.1.1", "master"), node("127.0.1.2")
+URL = "http://127.0.1.1:8989/disco/ctrl/nodeinfo"
+
+# Disco runs as its own user (as on a node); the doctor's script runs as root, as over SSH.
+# Sections: healthy (nodeinfo + job), a member whose worker cannot start (ghost), then the
+# worker stopped: its Erlang node killed and `erl` gone so Disco cannot start it again.
+DOCTOR_INNER_SH = f'''\
+set -uo pipefail
+cd /tmp/job
+LINE=$(<line.txt)
+printf '127.0.1.2 {GHOST}\\n' >>/etc/hosts
+id -u disco >/dev/null 2>&1 || useradd -m -s /bin/bash disco
+chown -R disco: /usr/var/disco
+disco_do() {{ runuser -u disco -- env -i PATH=/usr/bin:/bin HOME=/home/disco "$@"; }}
+section() {{ echo "=== $1"; shift; bash doctor_job.sh "$@" </dev/null; }}
+echo '[["{HOST}", "2"]]' | disco_do tee /usr/var/disco/disco_8989.config >/dev/null
+disco_do disco start || exit 1
+section healthy_nodeinfo nodeinfo {URL} 60 {HOST}
+section healthy_job wordcount doctor-test-tag 60 "$LINE"
+disco_do python3 -W ignore -c 'import sys, urllib.request
+urllib.request.urlopen(sys.argv[1], data=sys.argv[2].encode()).read()' \\
+  http://127.0.1.1:8989/disco/ctrl/save_config_table '[["{HOST}", "2"], ["{GHOST}", "1"]]'
+section ghost_nodeinfo nodeinfo {URL} 5 {HOST} {GHOST}
+echo '[["{HOST}", "2"]]' | disco_do python3 -W ignore -c 'import sys, urllib.request
+urllib.request.urlopen(sys.argv[1], data=sys.stdin.buffer.read()).read()' \\
+  http://127.0.1.1:8989/disco/ctrl/save_config_table
+mv /usr/bin/erl /usr/bin/erl.stopped
+for pid in $(ps -eo pid=,args= | awk '/disco_8989_slave/ && !/awk/ {{print $1}}'); do
+  kill -9 "$pid"
+done
+section stopped_nodeinfo nodeinfo {URL} 5 {HOST}
+section stopped_job wordcount doctor-test-tag2 15 "$LINE"
+echo "=== tags"
+disco_do ddfs ls doctor-test || true
+echo "=== end"
+'''
+
+
+def real_config(tmp_path: Path):
+    values = {**BASE, "DISCO_USER": "disco", "DISCO_ROOT": "/usr/var/disco"}
+    return parse_config(values, path=tmp_path / "cluster.json")
+
+
+def sections(stdout: str) -> dict[str, str]:
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in stdout.splitlines():
+        if line.startswith("=== "):
+            current = found.setdefault(line[4:], [])
+        elif current is not None:
+            current.append(line)
+    return {name: "\n".join(lines) for name, lines in found.items()}
+
+
+@pytest.mark.disco
+def test_doctor_job_script_against_a_real_disco(built: tuple[Path, Build, Path],  # noqa: F811
+                                                tmp_path: Path) -> None:
+    need_tools(*JOB_TOOLS)
+    config = real_config(tmp_path)
+    for folder in ("ovl", "root", "job"):
+        (tmp_path / folder).mkdir()
+    shutil.copy(built[0], tmp_path / "installed.tar.gz")
+    (tmp_path / "outer.sh").write_text(OUTER_SH.replace("discotest", HOST))
+    (tmp_path / "job" / "inner.sh").write_text(DOCTOR_INNER_SH)
+    (tmp_path / "job" / "doctor_job.sh").write_text(bootstrap.snippet(
+        config, "doctor_job", JOB_PY=bootstrap.template("doctor_job.py"), HARD_SECONDS=90))
+    line = job_line("5eed")
+    (tmp_path / "job" / "line.txt").write_text(line)
+    started = time.monotonic()
+    result = subprocess.run(
+        ["unshare", "--mount", "--net", "--uts", "--pid", "--fork", "--kill-child",
+         "--mount-proc", "bash", str(tmp_path / "outer.sh"), str(tmp_path)],
+        capture_output=True, text=True, timeout=400, check=False)
+    seconds = time.monotonic() - started
+    out = sections(result.stdout)
+    assert "end" in out, result.stdout + result.stderr
+    table = [[HOST, "2"]]
+
+    healthy = nodeinfo_checks(config, REAL_MASTER, [], out["healthy_nodeinfo"], table)
+    assert [(c.check, c.ok) for c in healthy] == [("disco master answers", True),
+                                                   ("disco worker", True)], healthy
+    assert healthy[1].detail == "connected, 2 worker slot(s)"
+    job = job_check(config, REAL_MASTER, out["healthy_job"], line)
+    assert job.ok, out["healthy_job"]
+    assert "step clean" in out["healthy_job"] and "cleanup" not in out["healthy_job"]
+
+    ghost = nodeinfo_checks(config, REAL_MASTER, [REAL_GHOST], out["ghost_nodeinfo"],
+                            [[HOST, "2"], [GHOST, "1"]], waited=5)
+    assert [(c.node, c.ok) for c in ghost if c.check == "disco worker"] == \
+        [(f"{HOST} (master)", True), (GHOST, False)], ghost
+    assert f"ssh {GHOST} erl" in ghost[-1].fix
+
+    stopped = nodeinfo_checks(config, REAL_MASTER, [], out["stopped_nodeinfo"], table,
+                              waited=5)
+    assert [(c.check, c.ok) for c in stopped] == [("disco master answers", True),
+                                                   ("disco worker", False)], stopped
+    assert stopped[1].detail.startswith("connected: false")
+    failed_job = job_check(config, REAL_MASTER, out["stopped_job"], line, seconds=15)
+    assert not failed_job.ok, out["stopped_job"]
+    # DDFS has no connected node left to take the input: named, with the worker checks
+    assert "`ddfs chunk` failed" in failed_job.detail
+    assert "Not enough nodes for replicas" in failed_job.detail
+    assert "fix the failing disco worker checks" in failed_job.fix
+    # both jobs removed their input tags
+    assert "doctor-test-tag" not in out["tags"]
+    print(f"\nreal Disco, 5 doctor questions: {seconds:.1f} s; healthy job: {job.detail}; "
+          f"stopped worker: {failed_job.detail}")
