@@ -19,4 +19,4 @@ require()  # one line naming what to install, before cli imports boto3/jsonschem
 from disposabledisco.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main(["up", *sys.argv[1:]]))
+    raise SystemExit(main(sys.argv[1:], entry="create_cluster.py"))

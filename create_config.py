@@ -18,7 +18,7 @@ def _main() -> int:
     require()  # one line naming what to install, not a traceback from cli's imports
     from disposabledisco.cli import main
 
-    return main(["init", *sys.argv[1:]])
+    return main(sys.argv[1:], entry="create_config.py")
 
 
 if __name__ == "__main__":

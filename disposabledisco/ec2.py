@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import boto3
@@ -233,6 +234,32 @@ class Ec2Gateway:
             return base64.b64decode(text).decode("utf-8", "replace")
         except ValueError:
             return text
+
+    def spot_prices(self, instance_types: Iterable[str]) -> dict[str, float]:
+        """The current spot price (USD/hour) per instance type, from the latest
+        DescribeSpotPriceHistory entry of each zone (AVAILABILITY_ZONE when set); the
+        highest zone's price when they differ, so the figure is never an underestimate."""
+        types = sorted(set(instance_types))
+        if not types:
+            return {}
+        kwargs: dict[str, Any] = {"InstanceTypes": types,
+                                  "ProductDescriptions": ["Linux/UNIX", "Linux/UNIX (Amazon VPC)"],
+                                  "StartTime": datetime.now(timezone.utc)}
+        if self.config["AVAILABILITY_ZONE"]:
+            kwargs["AvailabilityZone"] = self.config["AVAILABILITY_ZONE"]
+        latest: dict[tuple[str, str], tuple[Any, float]] = {}
+        for item in self._paged("describe_spot_price_history", "SpotPriceHistory", **kwargs):
+            try:
+                key = (item["InstanceType"], item.get("AvailabilityZone") or "")
+                price, stamp = float(item["SpotPrice"]), item.get("Timestamp")
+            except (KeyError, TypeError, ValueError):
+                continue  # a malformed entry says nothing
+            if key not in latest or (stamp and latest[key][0] and stamp > latest[key][0]):
+                latest[key] = (stamp, price)
+        prices: dict[str, float] = {}
+        for (instance_type, _zone), (_stamp, price) in latest.items():
+            prices[instance_type] = max(price, prices.get(instance_type, 0.0))
+        return prices
 
     # -- writes ------------------------------------------------------------------------
 

@@ -1,23 +1,70 @@
-"""What a pass, `status` and `down` print: human text or JSON."""
+"""What a pass, `status` and `down` print: human text or JSON.
+
+Every closing line says only what is true for the command that printed it: the caller
+picks the verdict (`up_verdict`, `dry_run_verdict`, `DOWN_VERDICTS`), and `render_pass`
+prints none unless given one.
+"""
 
 from __future__ import annotations
 
 import shlex
-from datetime import datetime
+from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import Any
 
+from . import remote
 from .cluster import Cluster, Foreign, Node, ssh_address
 from .config import Config
+from .hostkeys import HostKeyStore
 from .plan import Action
-from .reconcile import EXIT_CONVERGED, EXIT_FAILED, PassReport
+from .reconcile import EXIT_CONVERGED, EXIT_FAILED, EXIT_PROGRESSING, PassReport
 
-VERDICTS = {
-    EXIT_CONVERGED: "converged: the cluster matches the config",
-    EXIT_FAILED: "failed: see the errors above; the rest of the pass still ran",
+FAILED = "failed: see the errors above; the rest of the pass still ran"
+DOWN_VERDICTS = {
+    EXIT_CONVERGED: "down: done; no spot request is open and no instance of the cluster is "
+                    "left",
+    EXIT_PROGRESSING: "down: requests cancelled and instances told to terminate; some are "
+                      "still shutting down (run `down` again to check)",
+    EXIT_FAILED: FAILED,
 }
+#: spot prices per instance type (USD per hour), from DescribeSpotPriceHistory
+Prices = Mapping[str, float]
 
 
-def render_pass(report: PassReport) -> str:
+def up_verdict(report: PassReport, wait: bool, elapsed: float, timeout: float) -> str:
+    """The last line of `up`: what the pass (or the wait) came to."""
+    code = report.exit_code
+    if code == EXIT_FAILED:
+        return FAILED
+    took = f" after {elapsed:.1f} s" if wait else ""
+    if code == EXIT_CONVERGED:
+        return f"converged{took}: the cluster matches the config"
+    if wait:
+        return (f"not converged after {elapsed:.1f} s (--timeout {timeout:g}): run again "
+                "to continue")
+    return "progressing: run again (or use --wait) until converged"
+
+
+def dry_run_verdict(report: PassReport, command: str) -> str | None:
+    """After a dry run: how to do what it showed (nothing when there is nothing to do)."""
+    if not report.plan.actions:
+        return None
+    return f"nothing was changed: run `{command}` without --dry-run to do this"
+
+
+def waiting_text(report: PassReport) -> str:
+    """What the cluster still waits for ("" when nothing)."""
+    worked_on_nodes = any(not r.action.mutates_ec2 and not r.skipped for r in report.results)
+    waiting = [n for n in report.cluster.nodes if n.state in ("open", "pending")
+               or (n.state == "running" and not worked_on_nodes)]
+    if not waiting:
+        return ""
+    return "; ".join(f"{n.role} {n.key} {n.state} ({n.reason})" for n in waiting[:8]) + (
+        f"; … {len(waiting) - 8} more" if len(waiting) > 8 else "")
+
+
+def render_pass(report: PassReport, verdict: str | None = None) -> str:
+    """The pass as text; ``verdict`` is the closing line (none when None)."""
     lines: list[str] = []
     if report.dry_run:
         lines.append("dry run: nothing is changed" if report.plan.actions
@@ -32,16 +79,11 @@ def render_pass(report: PassReport) -> str:
             lines.append(f"      {instance_id}: {tail[0]}")
             lines += [f"        | {line}" for line in tail[1:]]
     lines += [f"  problem: {p}" for p in report.plan.problems]
-    worked_on_nodes = any(not r.action.mutates_ec2 and not r.skipped for r in report.results)
-    waiting = [n for n in report.cluster.nodes if n.state in ("open", "pending")
-               or (n.state == "running" and not worked_on_nodes)]
+    waiting = waiting_text(report)
     if waiting and not report.failed:
-        lines.append("  waiting: " + "; ".join(
-            f"{n.role} {n.key} {n.state} ({n.reason})" for n in waiting[:8])
-            + (f"; … {len(waiting) - 8} more" if len(waiting) > 8 else ""))
-    verdict = VERDICTS.get(report.exit_code,
-                           "progressing: run again (or use --wait) until converged")
-    lines.append(verdict)
+        lines.append(f"  waiting: {waiting}")
+    if verdict:
+        lines.append(verdict)
     return "\n".join(lines)
 
 
@@ -84,13 +126,15 @@ def foreign_warning(config: Config, cluster: Cluster) -> str | None:
             f"this cluster's and are left alone: {shown}{more}")
 
 
-def node_json(node: Node) -> dict[str, Any]:
+def node_json(node: Node, prices: Prices | None = None) -> dict[str, Any]:
     return {
         "role": node.role, "group": node.group, "instance_id": node.instance_id,
         "request_id": node.request_id, "instance_type": node.instance_type,
         "market": node.market, "state": node.state, "reason": node.reason,
         "request_state": node.request_state, "status_code": node.status_code,
         "instance_state": node.instance_state, "bid": node.bid,
+        "spot_price_now": _price_now(node, prices or {}),
+        "billed": billed(node),
         "private_ip": node.private_ip, "public_ip": node.public_ip,
         "ready": node.state == "ready",
         "launched": _iso(node.launched), "created": _iso(node.created),
@@ -101,20 +145,88 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
 
-def status_table(config: Config, cluster: Cluster) -> str:
-    """One row per node: role, instance, type, state/reason, address, price, ready.
+def usd(value: float) -> str:
+    """A price as people write it: 0.10, 0.035, 1.50 (never 0.1)."""
+    return f"{value:.2f}" if round(value, 2) == value else f"{value:.6g}"
+
+
+def billed(node: Node) -> bool:
+    """Whether EC2 charges for this node now: its instance exists and runs (or is
+    starting/stopping). An open bid or an ended request costs nothing."""
+    return node.instance_state in ("pending", "running", "stopping")
+
+
+def _price_now(node: Node, prices: Prices) -> float | None:
+    if not billed(node) or node.market != "spot":
+        return None
+    return prices.get(node.instance_type)
+
+
+def _hours(node: Node, now: datetime) -> float:
+    return max(0.0, (now - node.launched).total_seconds() / 3600) if node.launched else 0.0
+
+
+def cost_json(config: Config, cluster: Cluster, prices: Prices,
+              now: datetime | None = None) -> dict[str, Any]:
+    """What the cluster costs: per hour now at current spot prices (when EC2 said), at
+    most per hour (the bids), node-hours so far and about how much that came to."""
+    moment = now or datetime.now(timezone.utc)
+    paying = [n for n in cluster.nodes if billed(n)]
+    known = [(n, _price_now(n, prices)) for n in paying]
+    unknown = [n for n, p in known if p is None]
+    hours = sum(_hours(n, moment) for n in paying)
+    return {
+        "billed_nodes": len(paying),
+        "usd_per_hour_now": round(sum(p or 0.0 for _, p in known), 6),
+        "nodes_without_a_known_price": [n.instance_id for n in unknown],
+        "usd_per_hour_at_most": round(sum(n.bid or 0.0 for n in paying
+                                          if n.market == "spot"), 6),
+        "node_hours": round(hours, 3),
+        "usd_so_far_about": round(sum((p or 0.0) * _hours(n, moment) for n, p in known), 4),
+    }
+
+
+def _cost_lines(config: Config, cluster: Cluster, prices: Prices) -> list[str]:
+    cost = cost_json(config, cluster, prices)
+    if not cost["billed_nodes"]:
+        return ["cost: nothing is billed now (no instance is running)"]
+    line = (f"cost: {remote.plural(cost['billed_nodes'], 'billed node')}, "
+            f"{usd(cost['usd_per_hour_now'])} USD/hour at current spot prices")
+    if cost["nodes_without_a_known_price"]:
+        line += (f" plus {remote.plural(len(cost['nodes_without_a_known_price']), 'node')} "
+                 "at a price EC2 did not say (on-demand, or no spot price history)")
+    return [line,
+            f"      at most {usd(cost['usd_per_hour_at_most'])} USD/hour for the spot nodes "
+            f"(your bids); {cost['node_hours']:.1f} node-hours so far, about "
+            f"{usd(round(cost['usd_so_far_about'], 2))} USD at today's prices"]
+
+
+def _state_text(node: Node) -> str:
+    if node.is_live:
+        return f"{node.state} ({node.reason})"
+    if billed(node):
+        return f"leaving the cluster: instance {node.instance_state}, still billed"
+    return "ended: no instance, not billed"
+
+
+def status_table(config: Config, cluster: Cluster, prices: Prices | None = None,
+                 show_all: bool = False) -> str:
+    """One row per live (or still billed) node: role, instance, type, state/reason,
+    address, price, ready; with ``show_all`` also the ended ones (history).
 
     Then one row per foreign resource, role "not ours", its kind and why: shown so the
-    user sees what shares the tag key, never counted.
+    user sees what shares the tag key, never counted. Then what it costs.
     """
+    prices = prices or {}
     header = ("ROLE", "INSTANCE", "TYPE", "STATE", "ADDRESS", "PRICE", "READY")
     rows = [header]
-    for node in sorted(cluster.nodes, key=lambda n: (n.role != "master", not n.is_live,
-                                                      n.group, n.key)):
-        price = f"{node.bid:g}" if node.bid else node.market
+    shown = [n for n in cluster.nodes if show_all or n.is_live or billed(n)]
+    for node in sorted(shown, key=lambda n: (n.role != "master", not n.is_live,
+                                             n.group, n.key)):
         rows.append((node.role, node.instance_id or node.request_id or "-",
-                     node.instance_type, f"{node.state} ({node.reason})",
-                     ssh_address(node, config["SSH_ADDRESS"]) or "-", price,
+                     node.instance_type, _state_text(node),
+                     ssh_address(node, config["SSH_ADDRESS"]) or "-",
+                     _price_text(node, prices),
                      "yes" if node.state == "ready" else "no"))
     for item in sorted(cluster.foreign, key=lambda f: (f.kind, f.resource_id)):
         rows.append(("not ours", item.resource_id, item.kind, item.reason, "-", "-", "-"))
@@ -123,27 +235,53 @@ def status_table(config: Config, cluster: Cluster) -> str:
                      for r in rows)
     live = [n for n in cluster.nodes if n.is_live]
     ready = sum(n.state == "ready" for n in live)
-    return (f"{text}\n{len(live)} live ({ready} ready) of "
-            f"{1 + config.desired_slaves} wanted")
+    lines = [text, f"{len(live)} live ({ready} ready) of {1 + config.desired_slaves} wanted"]
+    hidden = len(cluster.nodes) - len(shown)
+    if hidden:
+        lines.append(f"{remote.plural(hidden, 'ended request or instance')} not shown (not "
+                     "billed): --all lists them")
+    return "\n".join(lines + _cost_lines(config, cluster, prices))
+
+
+def _price_text(node: Node, prices: Prices) -> str:
+    if node.market != "spot":
+        return node.market
+    bid = f"bid {usd(node.bid)}" if node.bid else "bid ?"
+    now = _price_now(node, prices)
+    return f"{usd(now)}/h ({bid})" if now is not None else bid
 
 
 def access_hint(config: Config, cluster: Cluster) -> str | None:
-    """How to reach the master, as the original tool printed once it ran."""
+    """How to use the cluster once its master runs: only commands that work as printed
+    (the plain ssh line only once the master's host key is pinned)."""
     master = cluster.master
     address = ssh_address(master, config["SSH_ADDRESS"]) if master else None
     if not master or master.state not in ("running", "ready") or not address:
         return None
-    login = ["ssh"]
-    if config["SSH_KEY_FILE"]:
-        login += ["-i", config["SSH_KEY_FILE"]]
-    if config["SSH_PORT"] != 22:
-        login += ["-p", str(config["SSH_PORT"])]
-    user_at = f"{config['SSH_USER']}@{address}"
-    port = config["DISCO_PORT"]
-    tunnel = [*login, "-N", "-L", f"{port}:localhost:{port}", user_at]
+    conf = shlex.quote(str(config.path)) if config.path else "CONFIG"
+    lines = [f"master {master.instance_id} ({remote.label(master)}) at {address}",
+             f"  log in:    disposabledisco ssh {conf}"]
+    if HostKeyStore(config.state_dir).get(master.instance_id or "") is not None:
+        lines.append(f"     or:    {shlex.join(remote.ssh_argv(config, master))}")
+    lines += [
+        f"  run Disco: disposabledisco exec {conf} --role master --as disco -- disco jobs",
+        "             (Disco clients, ddfs included, work on the master as the Disco user)",
+        f"  web UI:    disposabledisco tunnel {conf}   then open "
+        f"http://localhost:{config['DISCO_PORT']}/ (job status)",
+    ]
+    return "\n".join(lines)
+
+
+def tunnel_text(config: Config, master: Node, local_port: int) -> str:
+    """What `tunnel` prints before it holds the tunnel: what it is good for, and what
+    needs the master instead (a client through a bare tunnel cannot use DDFS or results)."""
+    conf = shlex.quote(str(config.path)) if config.path else "CONFIG"
     return "\n".join([
-        f"master {master.instance_id} at {address}",
-        f"  log in:  {shlex.join([*login, user_at])}",
-        f"  tunnel:  {shlex.join(tunnel)}",
-        f"  then:    export DISCO_PROXY=http://localhost:{port}",
+        f"tunnel: localhost:{local_port} -> master {master.instance_id} "
+        f"({remote.label(master)}) port {config['DISCO_PORT']}; Ctrl-C closes it",
+        f"  web UI:      http://localhost:{local_port}/",
+        f"  job status:  export DISCO_PROXY=http://localhost:{local_port}   "
+        "(then `disco jobs`, `disco events JOB` here)",
+        "  ddfs, reading results and submitting jobs need the master: "
+        f"disposabledisco exec {conf} --role master --as disco -- disco ...",
     ])
