@@ -1,0 +1,195 @@
+"""Real Disco on a cluster the tool converged: the `disco` tier, end to end.
+
+Disco is built once per session by the product's own build step (`disco_source.
+build_script()`, as `tests/test_disco_build.py` runs it) from the vendor bundle; the
+installed tree is handed to the real CLI as `DISCO_INSTALL: "tarball"`. `up --wait`
+converges 1 master + 2 slaves on the local EC2 endpoint, every instance a real sshd node
+with its own network namespace (own epmd and port 8989, as Disco needs). Then, as a user
+would, through the login line that `up` prints (the client on the master, as the Disco
+user: the only client path that works today, see `../shared/docs/disco-facts.md`):
+Disco's nodeinfo shows every host connected, `ddfs chunk` pushes the input, a word count
+runs with tasks on the slaves and gives exact counts. A second `up` opens no SSH session,
+makes the 2 describe calls and leaves Disco alone.
+
+Skipped with the reason when the bundle, root, a build tool or real SSH nodes are missing.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import json
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from disposabledisco import disco_source
+from disposabledisco.config import load_config
+from disposabledisco.disco import short_name
+from disposabledisco.disco_source import bundle_sha256
+from tests.e2e_fixtures import ClusterConfig, E2eEnv
+from tests.test_disco_build import BUILD_TOOLS, JOB_PY, WORDS, need_tools, run_build, source_bundle
+from tests.test_e2e_cluster import (  # noqa: F401 - gateways is a fixture used here
+    assert_quiet_pass,
+    cli,
+    gateways,
+    live,
+    observe_cluster,
+)
+
+pytestmark = [pytest.mark.disco, pytest.mark.nodes]
+
+DISCO_USER = "disco"
+#: `up --wait` converged this cluster in 9-15 s on the loaded 2-core machine; a config
+#: fault (as with the settings bug below) is retried until this runs out
+UP_TIMEOUT = 180
+#: eight input files: eight map tasks, more than the master's worker slots, so the
+#: scheduler has to use the slaves
+TEXTS = ["\n".join(" ".join(WORDS[(i * 5 + j * 3 + k) % len(WORDS)] for j in range(i % 7 + 1))
+                   for i in range(60)) + "\n" for k in range(8)]
+
+# The tool's defaults do not give a Disco that starts: the bootstrap writes its own
+# /etc/disco/settings.py after the install and drops the installed DISCO_HOME and
+# DISCO_WWW_ROOT (issue 8, item 1). Remove the marker when that is fixed (strict: an
+# unexpected pass fails, so it cannot be forgotten).
+SETTINGS_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="disco start fails: 'DISCO_HOME is not specified, where should Disco live?' "
+           "(templates/base.sh write_disco_settings replaces the installed "
+           "/etc/disco/settings.py with settings_py() from disco.py, which has no "
+           "DISCO_HOME/DISCO_WWW_ROOT)")
+
+
+@pytest.fixture(scope="session")
+def installed_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The vendor bundle built once per session by the product's build step."""
+    need_tools(*BUILD_TOOLS)
+    bundle = source_bundle()
+    script = tmp_path_factory.mktemp("disco-build") / "disco_build.sh"
+    script.write_text(disco_source.build_script())
+    out = tmp_path_factory.mktemp("disco-installed") / "out"
+    build = run_build(script, bundle, out)
+    assert build.returncode == 0, build.stderr
+    print(f"\nDisco build: {build.seconds:.1f} s")
+    return out / f"disco-installed-{bundle_sha256(bundle)}.tar.gz"
+
+
+@dataclass
+class Converged:
+    """The first `up --wait` of the real-Disco cluster, whatever its outcome."""
+
+    cfg: ClusterConfig
+    code: int
+    out: str
+    err: str
+    seconds: float
+
+    def login(self) -> list[str]:
+        """The `log in:` command that `up` printed, as argv."""
+        lines = [line for line in self.out.splitlines() if line.strip().startswith("log in:")]
+        assert lines, f"up printed no login line:\n{self.out}"
+        return shlex.split(lines[-1].split("log in:", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def converged(e2e: E2eEnv, installed_tree: Path) -> Converged:
+    cfg = e2e.new_config("ddrealdisco", 2, DISCO_INSTALL="tarball",
+                         DISCO_TARBALL=str(installed_tree))
+    started = time.monotonic()
+    code, out, err = cli("up", str(cfg.path), "--wait", "--timeout", str(UP_TIMEOUT))
+    seconds = time.monotonic() - started
+    print(f"\nup --wait, 1 master + 2 slaves with real Disco: {seconds:.1f} s (exit {code})")
+    if code != 0:
+        print(out + err)
+    return Converged(cfg, code, out, err, seconds)
+
+
+def on_master(done: Converged, known_hosts: Path, script: str, timeout: float = 120
+              ) -> subprocess.CompletedProcess[str]:
+    """Run a bash script as the Disco user on the master, through the printed login
+    (a first login: the master's key is accepted into a test-local known_hosts)."""
+    argv = [*done.login(), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new",
+            "-o", f"UserKnownHostsFile={known_hosts}",
+            f"sudo -n -u {DISCO_USER} -H bash -s"]
+    return subprocess.run(argv, input=script, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+@SETTINGS_BUG
+def test_up_converges_a_cluster_that_runs_disco(converged: Converged) -> None:
+    assert converged.code == 0, converged.out + converged.err
+    cluster = observe_cluster(converged.cfg)
+    assert len(live(cluster, "master")) == 1 and len(live(cluster, "slave")) == 2
+    assert all(node.state == "ready" for node in live(cluster))
+
+
+@SETTINGS_BUG
+def test_word_count_over_ddfs_runs_on_the_slaves(converged: Converged, tmp_path: Path) -> None:
+    assert converged.code == 0, converged.out + converged.err
+    cluster = observe_cluster(converged.cfg)
+    hosts = {short_name(node) for node in live(cluster)}
+    slaves = {short_name(node) for node in live(cluster, "slave")}
+    known_hosts = tmp_path / "known_hosts"
+
+    # Disco's own view: every host of the table connected, none blacklisted
+    deadline = time.monotonic() + 60
+    while True:
+        info = on_master(converged, known_hosts, "disco nodeinfo")
+        assert info.returncode == 0, info.stdout + info.stderr
+        # one `host<TAB>{python dict}` line per host of the table
+        view = {host: ast.literal_eval(state) for host, state in
+                (line.split("\t", 1) for line in info.stdout.splitlines() if "\t" in line)}
+        assert set(view) == hosts, info.stdout
+        if all(state["connected"] and not state["blacklisted"] for state in view.values()):
+            break
+        assert time.monotonic() < deadline, f"not all of {hosts} connected:\n{info.stdout}"
+        time.sleep(1)
+
+    # input into DDFS with `ddfs chunk`, then the word count (the client on the master)
+    files = "".join(f"cat > in{k}.txt <<'EOF'\n{text}EOF\n" for k, text in enumerate(TEXTS))
+    script = (f"set -euo pipefail\ncd \"$(mktemp -d)\"\n{files}"
+              f"cat > job.py <<'EOF'\n{JOB_PY}EOF\n"
+              f"ddfs chunk data:words {' '.join(f'./in{k}.txt' for k in range(len(TEXTS)))}"
+              " >/dev/null\n"
+              "python3 -W ignore job.py tag://data:words\n"
+              "disco events \"$(disco jobs | head -n 1)\"\n")
+    started = time.monotonic()
+    job = on_master(converged, known_hosts, script, timeout=300)
+    seconds = time.monotonic() - started
+    assert job.returncode == 0, job.stdout + job.stderr
+    results = [line for line in job.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 1, job.stdout + job.stderr
+    counts = json.loads(results[0].removeprefix("RESULT "))
+    assert counts == dict(collections.Counter(" ".join(TEXTS).split()))
+    # Disco's job events, one JSON array [time, source, message] a line: the hosts that
+    # finished map tasks
+    events = [json.loads(line) for line in job.stdout.splitlines() if line.startswith("[")]
+    ran_on = {source for _, source, message in events if message.startswith("DONE: [map:")}
+    assert ran_on <= hosts and slaves <= ran_on, job.stdout
+    job_line = next(line for line in job.stdout.splitlines() if line.startswith("JOB_"))
+    print(f"\npush + word count through the login line: {seconds:.1f} s; {job_line}; "
+          f"map tasks on {sorted(ran_on)}")
+
+
+@SETTINGS_BUG
+def test_second_pass_touches_neither_nodes_nor_disco(
+        e2e: E2eEnv, converged: Converged, gateways) -> None:  # noqa: F811
+    assert converged.code == 0, converged.out + converged.err
+    master = live(observe_cluster(converged.cfg), "master")[0]
+
+    def disco_state() -> tuple[str, str]:
+        """The master's Disco processes (pid + start time) and its host table file."""
+        ps = e2e.farm.exec(master.instance_id, ["ps", "-u", DISCO_USER, "-o", "pid=,lstart=,comm="])
+        config = load_config(converged.cfg.path)
+        table = e2e.farm.exec(master.instance_id, [
+            "stat", "-c", "%Y %s", f"{config['DISCO_ROOT']}/disco_{config['DISCO_PORT']}.config"])
+        return ps.stdout.decode(), table.stdout.decode()
+
+    before = disco_state()
+    assert "beam" in before[0], before
+    assert_quiet_pass(e2e, converged.cfg, gateways)
+    assert disco_state() == before
