@@ -815,3 +815,76 @@ def test_insecure_apt_sources_are_warned_about(source, words):
 ])
 def test_signed_apt_sources_are_not_warned_about(source):
     assert parse_config(with_(DISCO_INSTALL="apt", DISCO_APT_SOURCE=source)).warnings == ()
+
+
+# --------------------------------------------------------------------------- DISCO_SOURCE
+
+def test_init_writes_source_while_a_config_without_the_key_stays_preinstalled():
+    """Configs older than "source" left DISCO_INSTALL out and meant the AMI's Disco."""
+    printed = json.loads(render_default_config())
+    assert printed["DISCO_INSTALL"] == "source" and printed["DISCO_SOURCE"] is None
+    assert parse_config(printed)["DISCO_SOURCE_BASE_URL"] == "https://github.com"
+    assert parse_config(with_())["DISCO_INSTALL"] == "preinstalled"
+
+
+@pytest.mark.parametrize("source", [
+    "~/disco-src.tar.gz", "https://example.org/disco-src.tar.gz?sig=ab", "s3://bkt/disco.tgz"])
+def test_source_bundle_forms(source):
+    c = parse_config(with_(DISCO_INSTALL="source", DISCO_SOURCE=source,
+                           DISCO_SOURCE_SHA256=SHA))
+    assert (c["DISCO_SOURCE"], c.warnings) == (source, ())
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("DISCO_SOURCE", "http://example.org/disco-src.tar.gz", "an https:// URL"),
+    ("DISCO_SOURCE", "ftp://example.org/disco-src.tar.gz", "an https:// URL"),
+    ("DISCO_SOURCE", "$(curl evil)/x.tgz", "no quotes or shell characters"),
+    ("DISCO_SOURCE_SHA256", "abc", "64 hex digits"),
+    ("DISCO_SOURCE_BASE_URL", "http://github.com", "an https:// URL"),
+    ("DISCO_SOURCE_BASE_URL", "file://relative", "file:///a/folder"),
+])
+def test_bad_source_values_are_one_sentence_naming_the_key(key, value, words):
+    (problem,) = problems_of(with_(DISCO_INSTALL="source", **{key: value}))
+    assert problem.startswith(key) and words in problem, problem
+
+
+@pytest.mark.parametrize("key", ["DISCO_SOURCE", "DISCO_SOURCE_SHA256"])
+def test_source_keys_without_source_install_are_a_warning(key):
+    (warning,) = parse_config(with_(**{key: SHA if key.endswith("SHA256") else "b.tgz"})
+                              ).warnings
+    assert warning == f'{key} is ignored because DISCO_INSTALL is "preinstalled", not "source".'
+
+
+def test_a_local_source_bundle_must_exist_be_a_file_and_match_its_sha256(tmp_path):
+    config = with_(DISCO_INSTALL="source", DISCO_SOURCE="src.tgz")
+    path = write(tmp_path, json.dumps(config))
+    (problem,) = load_problems(path)
+    assert problem == (f"{path}: DISCO_SOURCE {tmp_path / 'src.tgz'} does not exist; give the "
+                       "path of a Disco source bundle file, or an https:// or s3:// URL.")
+    (tmp_path / "src.tgz").mkdir()
+    (problem,) = load_problems(path)
+    assert "is a folder, not a source bundle" in problem
+    (tmp_path / "src.tgz").rmdir()
+    (tmp_path / "src.tgz").write_bytes(b"bundle")
+    good = hashlib.sha256(b"bundle").hexdigest()
+    load_config(write(tmp_path, json.dumps({**config, "DISCO_SOURCE_SHA256": good.upper()})))
+    path = write(tmp_path, json.dumps({**config, "DISCO_SOURCE_SHA256": SHA}))
+    (problem,) = load_problems(path)
+    assert problem == (f"{path}: DISCO_SOURCE_SHA256 is {SHA}, but {tmp_path / 'src.tgz'} has "
+                       f"sha256 {good}; give the source bundle you meant, or update "
+                       "DISCO_SOURCE_SHA256.")
+
+
+@pytest.mark.parametrize("change", [
+    {"DISCO_SOURCE": "missing.tgz"}, {"DISCO_SOURCE": "http://example.org/x.tgz"},
+    {"DISCO_SOURCE": "bundle.tgz", "DISCO_SOURCE_SHA256": SHA}])
+def test_cli_refuses_a_bad_source_with_exit_2_before_any_aws_call(tmp_path, change):
+    pytest.importorskip("disposabledisco.cli")
+    (tmp_path / "bundle.tgz").write_bytes(b"bundle")
+    path = write(tmp_path, json.dumps(with_(DISCO_INSTALL="source", **change)))
+    env = {**os.environ, "HOME": str(tmp_path), "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_ENDPOINT_URL_EC2": "http://127.0.0.1:9"}  # any EC2 call would fail loudly
+    result = subprocess.run([sys.executable, "-m", "disposabledisco", "up", str(path)],
+                            env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "DISCO_SOURCE" in result.stderr and "127.0.0.1:9" not in result.stderr
