@@ -507,10 +507,17 @@ class _Doctor:
                    f"the failing checks above first ({WORKER_CHECKS}, disco worker); if none "
                    f"failed, read why the tasks failed: {events}")
         else:
-            detail = error or (f"no answer in {seconds:g} s" if timeout else "no result")
+            said = [ln.strip() for ln in output.splitlines() if ln.strip() and
+                    ln.split(" ", 1)[0] not in JOB_OUTPUT_KINDS]  # e.g. an import error
+            detail = "; ".join(filter(None, [
+                error or (f"no answer in {seconds:g} s" if timeout else "no result"),
+                said[-1] if said else ""]))
             fix = (f"Disco's Python client must run on the master as {user}: `python3 -c "
                    f"'import disco'` must work there (DISCO_INSTALL installs it)")
         self.add(self.master, "disco job", False, detail, fix)
+
+
+JOB_OUTPUT_KINDS = ("step", "job", "result", "error", "timeout", "cleanup", "nodeinfo")
 
 
 def job_line(token: str) -> str:

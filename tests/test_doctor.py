@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -156,7 +157,8 @@ RIGHT = {"the": 2, "doctor": 2, "counts": 2, "c0ffee00": 2, "words": 1, "and": 1
     ("step push\nerror CommError: not enough nodes\nstep clean\n", False,
      "`ddfs chunk` failed: CommError: not enough nodes", "DDFS_BLOB_REPLICAS"),
     ("ModuleNotFoundError: No module named 'disco'\nerror doctor_job.py exited 1\n", False,
-     "doctor_job.py exited 1", "`python3 -c 'import disco'`"),
+     "doctor_job.py exited 1; ModuleNotFoundError: No module named 'disco'",
+     "`python3 -c 'import disco'`"),
 ])
 def test_job_output_is_read_exactly(config, output: str, ok: bool, detail: str,
                                     fix: str) -> None:
@@ -223,6 +225,9 @@ echo '[["{HOST}", "2"]]' | disco_do tee /usr/var/disco/disco_8989.config >/dev/n
 disco_do disco start || exit 1
 section healthy_nodeinfo nodeinfo {URL} 60 {HOST}
 section healthy_job wordcount doctor-test-tag 60 "$LINE"
+echo "=== leftovers"
+disco_do ddfs ls doctor-test
+disco_do disco jobs
 disco_do python3 -W ignore -c 'import sys, urllib.request
 urllib.request.urlopen(sys.argv[1], data=sys.argv[2].encode()).read()' \\
   http://127.0.1.1:8989/disco/ctrl/save_config_table '[["{HOST}", "2"], ["{GHOST}", "1"]]'
@@ -236,8 +241,6 @@ for pid in $(ps -eo pid=,args= | awk '/disco_8989_slave/ && !/awk/ {{print $1}}'
 done
 section stopped_nodeinfo nodeinfo {URL} 5 {HOST}
 section stopped_job wordcount doctor-test-tag2 15 "$LINE"
-echo "=== tags"
-disco_do ddfs ls doctor-test || true
 echo "=== end"
 '''
 
@@ -289,6 +292,9 @@ def test_doctor_job_script_against_a_real_disco(built: tuple[Path, Build, Path],
     job = job_check(config, REAL_MASTER, out["healthy_job"], line)
     assert job.ok, out["healthy_job"]
     assert "step clean" in out["healthy_job"] and "cleanup" not in out["healthy_job"]
+    # the job removed its input tag and its job (results purged)
+    assert "doctor-test-tag" not in out["leftovers"]
+    assert "disposabledisco_doctor" not in out["leftovers"]
 
     ghost = nodeinfo_checks(config, REAL_MASTER, [REAL_GHOST], out["ghost_nodeinfo"],
                             [[HOST, "2"], [GHOST, "1"]], waited=5)
@@ -307,7 +313,72 @@ def test_doctor_job_script_against_a_real_disco(built: tuple[Path, Build, Path],
     assert "`ddfs chunk` failed" in failed_job.detail
     assert "Not enough nodes for replicas" in failed_job.detail
     assert "fix the failing disco worker checks" in failed_job.fix
-    # both jobs removed their input tags
-    assert "doctor-test-tag" not in out["tags"]
     print(f"\nreal Disco, 5 doctor questions: {seconds:.1f} s; healthy job: {job.detail}; "
           f"stopped worker: {failed_job.detail}")
+
+
+# -- the nodes tier: the whole doctor over SSH, Disco's endpoint played by the double ----
+
+from disposabledisco.doctor import run_doctor  # noqa: E402
+from tests.node_fixtures import (  # noqa: E402,F401 - pytest fixtures
+    client_key,
+    node_farm,
+    ssh_gateway_factory,
+    start_nodes,
+)
+from tests.test_provision import (  # noqa: E402,F401 - `cluster` is a fixture
+    _missing_machine_packages,
+    all_ok,
+    cluster,
+    fake_disco_tarball,
+    free_port,
+)
+
+
+@pytest.mark.nodes
+def test_the_whole_doctor_asks_disco_over_ssh(cluster, node_farm,  # noqa: F811
+                                              tmp_path: Path) -> None:
+    """Real sshd nodes, the doctor's node script as over SSH, Disco's nodeinfo from the
+    double at the master's address (the fake Disco has no Python client: the job fails)."""
+    if os.geteuid() != 0 or _missing_machine_packages():
+        pytest.skip(f"needs root and {_missing_machine_packages()} (see test_provision)")
+    port = free_port()
+    prov, nodes, config = cluster(DISCO_INSTALL="tarball", DISCO_PORT=port,
+                                  DISCO_TARBALL=str(fake_disco_tarball(tmp_path / "d.tgz")))
+    master, slaves = nodes[0], nodes[1:]
+    all_ok(prov.bootstrap(nodes))
+    all_ok(prov.join(master, slaves))
+    with node_farm.network_of(master.instance_id):
+        double = DiscoDouble(master.private_ip, port)
+    with double:
+        assert prov.apply_membership(master, nodes).ok
+        assert len(double.table or []) == 3
+
+        def doctor_checks(**kwargs) -> tuple[DoctorReport, dict]:
+            report = run_doctor(config, master, slaves, prov.ssh, prov.vcpus,
+                                nodeinfo_wait=2, **kwargs)
+            return report, failed(report)
+
+        healthy, fails = doctor_checks(job=False)
+        assert healthy.ok, healthy.to_text()
+        workers = [c for c in healthy.checks if c.check == "disco worker"]
+        assert len(workers) == 3 and all(c.ok for c in workers)
+        nodeinfo = [r for r in double.requests if r.path == "/disco/ctrl/nodeinfo"]
+        assert nodeinfo  # asked on the master, as the Disco user, over the SSH session
+
+        short = disco.short_name(slaves[1])
+        double.disconnected = {short}
+        double.extra = {"ip-127-10-40-99": "2"}
+        broken, fails = doctor_checks(job=False)
+        assert set(fails) == {(short, "disco worker"),
+                              (f"{disco.short_name(master)} (master)", "disco host table")}
+        assert f"ssh {short} erl" in fails[(short, "disco worker")][1]
+        assert broken.to_text().endswith("2 check(s) failed")
+
+        double.disconnected, double.extra = set(), {}
+        started = time.monotonic()
+        with_job, fails = doctor_checks(job_seconds=10)
+        assert list(fails) == [(f"{disco.short_name(master)} (master)", "disco job")]
+        detail, fix = next(iter(fails.values()))
+        assert "No module named 'disco'" in detail and "import disco" in fix
+        assert time.monotonic() - started < 60
