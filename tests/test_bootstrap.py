@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -188,6 +189,8 @@ VARIANTS = [
     {"DISCO_INSTALL": "none", "POST_INIT": "echo hi", "PIP_REQUIREMENTS": ["numpy"]},
     APT,
     {"DISCO_INSTALL": "tarball", "DISCO_TARBALL": "s3://bucket/disco.tar.gz"},
+    {"DISCO_INSTALL": "source"},  # carries disco_source.py and the build script
+    {"DISCO_INSTALL": "source", "DISCO_SOURCE": "https://example.org/disco-src.tar.gz"},
 ]
 
 
@@ -357,3 +360,198 @@ def test_a_failing_post_init_is_the_configs_fault(tmp_path: Path) -> None:
     result = bash(harness, env={"HOME": "/root", "PATH": os.environ["PATH"]})
     assert result.returncode == 78 and "POST_INIT failed (status 4)" in result.stderr
     assert not (tmp_path / "post_init.sha256").exists()
+
+
+# -- source mode: what goes into the digest ----------------------------------------------
+
+SOURCE = {"DISCO_INSTALL": "source"}
+
+
+def test_the_source_bundle_hash_is_a_master_input_and_names_the_join(tmp_path: Path) -> None:
+    from disposabledisco.reconcile import desired_state
+
+    bundle = tmp_path / "src.tar.gz"
+    bundle.write_bytes(b"bundle one")
+    cfg = config(**SOURCE, DISCO_SOURCE=str(bundle))
+    values = bootstrap.script_values(cfg, "master")
+    assert values["DISCO_SOURCE_SHA256"] == hashlib.sha256(b"bundle one").hexdigest()
+    assert values["DISCO_BUILD_SH"] == bootstrap.disco_source.build_script()
+    before = {role: bootstrap.digest(cfg, role) for role in bootstrap.ROLES}
+    join_before = desired_state(cfg).join_suffix
+    bundle.write_bytes(b"bundle two, another size")
+    after = {role: bootstrap.digest(cfg, role) for role in bootstrap.ROLES}
+    assert after["master"] != before["master"]  # the master builds the new bundle
+    assert after["slave"] == before["slave"]  # slaves get the tree at join ...
+    assert desired_state(cfg).join_suffix not in ("", join_before)  # ... so they join again
+    assert "DISCO_SOURCE_SHA256" not in bootstrap.script_values(cfg, "slave")
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ({"DISCO_SOURCE": "https://example.org/a.tgz"}, {"DISCO_SOURCE": "https://example.org/b.tgz"}),
+    ({"DISCO_SOURCE": "https://example.org/a.tgz"},
+     {"DISCO_SOURCE": "https://example.org/a.tgz", "DISCO_SOURCE_SHA256": "ab" * 32}),
+    ({}, {"DISCO_SOURCE_BASE_URL": "file:///srv/mirror"}),
+])
+def test_each_source_input_changes_the_masters_digest(first: dict, second: dict) -> None:
+    one, two = config(**SOURCE, **first), config(**SOURCE, **second)
+    assert bootstrap.digest(one, "master") != bootstrap.digest(two, "master")
+    assert bootstrap.digest(one, "slave") == bootstrap.digest(two, "slave")
+    assert bootstrap.source_identity(one) != bootstrap.source_identity(two)
+
+
+def test_without_a_source_the_master_carries_the_assembler_and_its_base_url() -> None:
+    values = bootstrap.script_values(config(**SOURCE), "master")
+    assert values["DISCO_SOURCE_PY"] == (
+        Path(bootstrap.__file__).with_name("disco_source.py").read_text())
+    assert (values["DISCO_SOURCE_BASE_URL"], values["DISCO_SOURCE_URL"]) == (
+        "https://github.com", "")
+    with_url = bootstrap.script_values(config(**SOURCE, DISCO_SOURCE="s3://bucket/k.tgz"), "master")
+    assert (with_url["DISCO_SOURCE_PY"], with_url["DISCO_SOURCE_URL"]) == ("", "s3://bucket/k.tgz")
+
+
+# -- the one settings writer, on this machine with its paths moved to a temp folder ----------
+
+INSTALLED = ('# an install\'s own file\nDISCO_HOME = "/opt/disco"\nDISCO_ROOT = "/usr/var/disco"\n'
+             'DISCO_WWW_ROOT = "/opt/disco/www"\nDISCO_FLAGS = ""\nDDFS_BLOB_REPLICAS = 3\n'
+             'DISCO_COMPUTED = "a" + "b"\n')
+
+
+def settings_harness(tmp_path: Path, cfg: Config, role: str, calls: str) -> \
+        subprocess.CompletedProcess:
+    """The rendered script of `role` up to its functions, then `calls` with STATE_DIR and
+    the settings file under tmp_path."""
+    script = bootstrap.render(cfg, role).replace('main "$@" </dev/null', "")
+    paths = (f"STATE_DIR={tmp_path}/state\nSETTINGS_FILE={tmp_path}/etc/disco/settings.py\n"
+             f"INSTALLED_SETTINGS=$STATE_DIR/installed-settings.py\n")
+    return bash(script + paths + calls, env={"PATH": os.environ["PATH"]})
+
+
+def read_settings(path: Path) -> dict[str, object]:
+    values: dict[str, object] = {}
+    exec(path.read_text(), {}, values)  # noqa: S102 - our own plain assignments
+    return values
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writes files as root:root, like a node does")
+@pytest.mark.parametrize("mode", ["source", "tarball", "apt", "preinstalled"])
+def test_every_install_mode_keeps_what_the_install_sets_under_ours(tmp_path: Path,
+                                                                   mode: str) -> None:
+    extra = {"source": {}, "tarball": {"DISCO_TARBALL": "s3://bucket/k.tgz"}, "apt": APT,
+             "preinstalled": {}}[mode]
+    cfg = config(**{"DISCO_INSTALL": mode, **extra},
+                 DISCO_SETTINGS={"DISCO_WWW_ROOT": "/mine/www"})
+    settings = tmp_path / "etc/disco/settings.py"
+    if mode in ("source", "tarball"):  # unpack_tarball keeps the tarball's file aside
+        tree = tmp_path / "tree"
+        (tree / "etc/disco").mkdir(parents=True)
+        (tree / "etc/disco/settings.py").write_text(INSTALLED)
+        subprocess.run(["tar", "-czf", str(tmp_path / "t.tgz"), "-C", str(tree), "."],
+                       check=True)
+        calls = (f"mkdir -p $STATE_DIR\ntar -xOf {tmp_path}/t.tgz --wildcards --no-anchored "
+                 "'etc/disco/settings.py' >$INSTALLED_SETTINGS\n")
+    else:  # apt and the AMI leave their file where Disco reads it
+        settings.parent.mkdir(parents=True)
+        settings.write_text(INSTALLED)
+        calls = ""
+    result = settings_harness(tmp_path, cfg, "master", calls + "write_disco_settings master\n"
+                              "write_disco_settings master\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "changed\n"  # the second write finds the file as it wants it
+    values = read_settings(settings)
+    assert values["DISCO_HOME"] == "/opt/disco"  # the install's (issue 8: dropped before)
+    assert values["DISCO_FLAGS"] == ""
+    assert values["DISCO_WWW_ROOT"] == "/mine/www"  # the user's DISCO_SETTINGS win
+    assert (values["DISCO_ROOT"], values["DDFS_BLOB_REPLICAS"]) == ("/srv/disco", 3)
+    assert values["DISCO_MASTER_HOST"] == subprocess.run(
+        ["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    assert "DISCO_COMPUTED" not in values and "not a plain value" in result.stderr
+    assert settings.read_text().startswith("# Written by disposabledisco")
+    assert (tmp_path / "state/settings.sha256").read_text().split() == [
+        hashlib.sha256(settings.read_bytes()).hexdigest()]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writes files as root:root, like a node does")
+def test_without_an_installed_file_disco_gets_its_make_install_paths(tmp_path: Path) -> None:
+    result = settings_harness(tmp_path, config(), "slave", "write_disco_settings slave\n")
+    assert result.returncode == 0, result.stderr
+    values = read_settings(tmp_path / "etc/disco/settings.py")
+    assert (values["DISCO_HOME"], values["DISCO_WWW_ROOT"]) == (
+        "/usr/lib/disco", "/usr/share/disco/master/www")
+    assert "DISCO_MASTER_HOST" not in values  # slaves learn the master from Disco itself
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writes files as root:root, like a node does")
+def test_a_drifted_file_of_ours_is_rewritten_and_never_taken_for_the_installs(
+        tmp_path: Path) -> None:
+    first = settings_harness(tmp_path, config(), "slave", "write_disco_settings slave\n")
+    assert first.returncode == 0, first.stderr
+    settings = tmp_path / "etc/disco/settings.py"
+    settings.write_text(settings.read_text().replace("'/srv/disco'", "'/elsewhere'"))
+    again = settings_harness(tmp_path, config(), "slave", "write_disco_settings slave\n")
+    assert again.stdout == "changed\n"
+    assert read_settings(settings)["DISCO_ROOT"] == "/srv/disco"
+    assert not (tmp_path / "state/installed-settings.py").exists()
+
+
+# -- source mode: the build step's failure is the config's, naming the step -------------------
+
+def source_harness(tmp_path: Path, cfg: Config, calls: str,
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    script = bootstrap.render(cfg, "master").replace('main "$@" </dev/null', "")
+    paths = (f"STATE_DIR={tmp_path}/state\nSTAGED_SOURCE=$STATE_DIR/disco-source.tar.gz\n"
+             f"STAGED_TARBALL=$STATE_DIR/disco.tar\nBUILD_DIR=$STATE_DIR/build\n"
+             "mkdir -p $STATE_DIR\nunpack_tarball() { echo \"unpacked $1\"; }\n")
+    return bash(script + paths + calls, env={"PATH": os.environ["PATH"], **(env or {})})
+
+
+def test_a_failed_build_exits_78_naming_the_step_with_the_log_tail(tmp_path: Path) -> None:
+    bundle = tmp_path / "src.tgz"
+    bundle.write_bytes(b"bundle")
+    fake_build = ("echo 'disco build: step compile' >&2\necho 'src/x.erl:3: syntax error' >&2\n"
+                  "echo 'disco build: FAILED: step compile' >&2\nexit 1\n")
+    cfg = unchecked(**SOURCE, DISCO_SOURCE=str(bundle))
+    stage = f"cp {bundle} $STAGED_SOURCE\nDISCO_BUILD_SH={shlex.quote(fake_build)}\n"
+    result = source_harness(tmp_path, cfg, stage + "build_disco_from_source\n")
+    assert result.returncode == 78, result.stderr  # EXIT_CONFIG: the master is kept
+    assert "src/x.erl:3: syntax error" in result.stderr
+    assert result.stderr.splitlines()[-1].endswith(
+        "at step compile (its log tail is above): fix the source bundle in DISCO_SOURCE")
+    assert "unpacked" not in result.stdout
+
+
+def test_a_built_bundle_is_not_built_again(tmp_path: Path) -> None:
+    bundle = tmp_path / "src.tgz"
+    bundle.write_bytes(b"bundle")
+    sha = hashlib.sha256(b"bundle").hexdigest()
+    counter = tmp_path / "builds"
+    fake_build = (f"echo built >>{counter}\nprintf tree >\"$3/disco-installed-$2.tar.gz\"\n"
+                  "echo 'disco build: built it' >&2\n")
+    cfg = unchecked(**SOURCE, DISCO_SOURCE=str(bundle))
+    stage = f"cp {bundle} $STAGED_SOURCE\nDISCO_BUILD_SH={shlex.quote(fake_build)}\n"
+    result = source_harness(tmp_path, cfg, stage + "build_disco_from_source\n"
+                            "build_disco_from_source\n")
+    assert result.returncode == 0, result.stderr
+    assert counter.read_text() == "built\n"
+    assert result.stdout == f"unpacked {tmp_path}/state/disco.tar\n" * 2
+    assert (tmp_path / "state/disco.tar").read_text() == "tree"
+    assert "Disco already built from the source bundle " + sha in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("openssl") is None,
+                    reason="needs curl and openssl")
+def test_a_downloaded_bundle_with_another_sha256_is_the_configs_fault(tmp_path: Path,
+                                                                     tls_server) -> None:
+    port, cert, _, sha = tls_server
+    url, wrong = f"https://127.0.0.1:{port}/file", "0" * 64
+    cfg = unchecked(**SOURCE, DISCO_SOURCE=url, DISCO_SOURCE_SHA256=wrong)
+    result = source_harness(tmp_path, cfg, "fetch_disco_source\n",
+                            {"CURL_CA_BUNDLE": str(cert)})
+    assert result.returncode == 78, result.stderr
+    assert f"{url} has sha256 {sha}, DISCO_SOURCE_SHA256 says {wrong}" in result.stderr
+    assert not list((tmp_path / "state").glob("disco-source*"))
+    good = source_harness(tmp_path, unchecked(**SOURCE, DISCO_SOURCE=url,
+                                              DISCO_SOURCE_SHA256=sha),
+                          "fetch_disco_source\nfetch_disco_source\n",
+                          {"CURL_CA_BUNDLE": str(cert)})
+    assert good.returncode == 0, good.stderr
+    assert good.stderr.count("already here") == 1  # downloaded once per URL
