@@ -106,6 +106,13 @@ class UsageError(Exception):
     """A command-line mistake: exit 2, nothing changed."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line (which command, what is wrong, where help is), exit 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_INVALID, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Every option's default shown (unless its help names it, or it is a plain switch);
     descriptions and epilogs kept as written."""
@@ -209,6 +216,7 @@ def _args_put(p: argparse.ArgumentParser) -> None:
                    help="its path on the nodes (relative: from the user's home; ending in "
                         "/: a folder, the file keeps its name)")
     _role_args(p)
+    _json_arg(p, "per-node results")
 
 
 def _args_get(p: argparse.ArgumentParser) -> None:
@@ -218,6 +226,7 @@ def _args_get(p: argparse.ArgumentParser) -> None:
     p.add_argument("local_dir", metavar="LOCALDIR",
                    help="each node's copy goes to LOCALDIR/<node>/<file name>")
     _role_args(p)
+    _json_arg(p, "per-node results")
 
 
 def _args_tunnel(p: argparse.ArgumentParser) -> None:
@@ -274,18 +283,19 @@ def build_parser(entry: str | None = None) -> argparse.ArgumentParser:
     if entry is not None:
         command = ENTRY_POINTS[entry]
         line, codes = COMMAND_HELP[command]
-        parser = argparse.ArgumentParser(prog=entry, **_texts(command, line, codes))
+        parser = _Parser(prog=entry, **_texts(command, line, codes))
         ARGUMENTS[command](parser)
         parser.set_defaults(command=command)
         return parser
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="disposabledisco", formatter_class=_Formatter,
         description="Keep a disposable Disco cluster on EC2 spot instances converged to a "
                     "JSON config, and use it.",
         epilog="`disposabledisco COMMAND --help` describes each command, its arguments, "
                "defaults and exit codes.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
     for name, add_arguments in ARGUMENTS.items():
         add_arguments(_command_parser(commands, name))
     return parser
@@ -294,6 +304,9 @@ def build_parser(entry: str | None = None) -> argparse.ArgumentParser:
 def _split_remote(argv: list[str]) -> tuple[list[str], list[str] | None]:
     """For ssh/exec: the words before the first `--` and the remote command after it."""
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "exec" and "--" not in argv and not {"-h", "--help"} & set(argv):
+        raise UsageError("exec needs the command after `--`, e.g. disposabledisco exec "
+                         "CONFIG -- uname -a")
     if command not in REMOTE_COMMANDS or "--" not in argv:
         return argv, None
     cut = argv.index("--")
@@ -304,7 +317,11 @@ def main(argv: Sequence[str] | None = None, entry: str | None = None) -> int:
     """Entry point; returns the exit code. ``entry`` names a script that runs one command
     (create_config.py, create_cluster.py) so its usage and help carry its own name."""
     words = list(sys.argv[1:] if argv is None else argv)
-    words, remote_words = _split_remote(words) if entry is None else (words, None)
+    try:
+        words, remote_words = _split_remote(words) if entry is None else (words, None)
+    except UsageError as error:
+        print(f"disposabledisco: {error}", file=sys.stderr)
+        return EXIT_INVALID
     parser = build_parser(entry)
     try:
         args = parser.parse_args(words)
@@ -425,6 +442,7 @@ def _emit(args: argparse.Namespace, report: PassReport, config: Config,
 
 def _hint(config: Config, report: PassReport) -> None:
     """How to use the cluster, once its master runs (never for --json or a dry run)."""
+    remote.write_known_hosts(config, remote.reachable(config, report.cluster))
     hint = access_hint(config, report.cluster)
     if hint:
         print(hint, flush=True)
@@ -654,8 +672,16 @@ def cmd_exec(config: Config, args: argparse.Namespace) -> int:
     return _finish(args, runs, "exited 0")
 
 
-def _finish(args: argparse.Namespace, runs: list[remote.NodeRun], what: str) -> int:
+def _finish(args: argparse.Namespace, runs: list[remote.NodeRun], what: str,
+            file_verb: str | None = None) -> int:
+    """The summary (or the JSON of every node); for put/get (``file_verb``) first one line
+    per node: the file it wrote, or why not."""
     ok = all(r.exit_code == 0 for r in runs)
+    if file_verb is not None and not args.json:
+        for run in runs:
+            if run.exit_code == 0:
+                print(f"{run.node}: {file_verb}{run.stdout}")
+            remote.print_run(dataclasses.replace(run, stdout=""), sys.stdout, sys.stderr)
     line = remote.summary(runs, what)
     if args.json:
         print(json.dumps({"ok": ok, "summary": line, "nodes": [r.to_json() for r in runs]},
@@ -674,11 +700,7 @@ def cmd_put(config: Config, args: argparse.Namespace) -> int:
     nodes = remote.select_role(config, cluster, args.role)
     runs = remote.put(config, ec2, nodes, local, args.remote, _as_user(config, args),
                       args.timeout)
-    for run in runs:
-        if run.exit_code == 0:
-            print(f"{run.node}: wrote {run.stdout}")
-        remote.print_run(dataclasses.replace(run, stdout=""), sys.stdout, sys.stderr)
-    return _finish(args, runs, "copied")
+    return _finish(args, runs, "copied", "wrote ")
 
 
 def cmd_get(config: Config, args: argparse.Namespace) -> int:
@@ -687,11 +709,7 @@ def cmd_get(config: Config, args: argparse.Namespace) -> int:
     nodes = remote.select_role(config, cluster, args.role)
     runs = remote.get(config, ec2, nodes, args.remote, Path(args.local_dir),
                       _as_user(config, args), args.timeout)
-    for run in runs:
-        if run.exit_code == 0:
-            print(f"{run.node}: {run.stdout}")
-        remote.print_run(dataclasses.replace(run, stdout=""), sys.stdout, sys.stderr)
-    return _finish(args, runs, "fetched")
+    return _finish(args, runs, "fetched", "")
 
 
 def cmd_forget(config: Config, args: argparse.Namespace) -> int:

@@ -238,8 +238,8 @@ def status_table(config: Config, cluster: Cluster, prices: Prices | None = None,
     lines = [text, f"{len(live)} live ({ready} ready) of {1 + config.desired_slaves} wanted"]
     hidden = len(cluster.nodes) - len(shown)
     if hidden:
-        lines.append(f"{remote.plural(hidden, 'ended request or instance')} not shown (not "
-                     "billed): --all lists them")
+        what = "ended request or instance" if hidden == 1 else "ended requests or instances"
+        lines.append(f"{hidden} {what} not shown (not billed): --all lists them")
     return "\n".join(lines + _cost_lines(config, cluster, prices))
 
 
