@@ -182,6 +182,36 @@ def test_no_fix_says_run_up_again_without_saying_what_makes_up_act(config) -> No
     assert all("delete-tags" in fix or "ssh" in fix for fix in fixes)
 
 
+def test_doctor_cluster_checks_the_ready_slaves_and_fails_the_others(config, monkeypatch) -> None:
+    """Disco's table holds the master and the ready slaves (what `up` writes): those are
+    checked; a slave still joining fails on its own with what repairs it."""
+    import contextlib
+
+    from disposabledisco import reconcile
+    from disposabledisco.cluster import Cluster
+
+    joining = Node(role="slave", group="c5.large", instance_type="c5.large",
+                   instance_id="i-joining", private_ip="10.0.0.4", state="running",
+                   reason="waiting for bootstrap")
+    observed = Cluster(nodes=(MASTER, SLAVE1, joining))
+    seen = {}
+
+    def fake_run_doctor(config, master, slaves, gateway, vcpus, *, job):
+        seen.update(master=master, slaves=slaves, job=job)
+        return DoctorReport(())
+
+    monkeypatch.setattr(reconcile, "observe", lambda config, ec2: observed)
+    monkeypatch.setattr(doctor, "run_doctor", fake_run_doctor)
+    monkeypatch.setattr(doctor, "ssh_gateway_for",
+                        lambda config, ec2: contextlib.nullcontext(None))
+    report = doctor.doctor_cluster(config, type("Ec2", (), {"vcpus": None})(), job=False)
+    assert seen == {"master": MASTER, "slaves": [SLAVE1], "job": False}
+    [check] = report.checks
+    assert (check.node, check.check, check.ok) == ("ip-10-0-0-4", "slave ready", False)
+    assert check.detail == "i-joining is running: waiting for bootstrap"
+    assert f"`disposabledisco up {config.path}` --wait" in check.fix
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_rendered_job_script_is_shellcheck_clean(config, tmp_path: Path) -> None:
     script = tmp_path / "doctor_job.sh"
