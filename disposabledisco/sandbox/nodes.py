@@ -371,13 +371,14 @@ def _safe_rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _ip(*args: str, hub: _Hub | None = None, check: bool = True
+def _ip(*args: str, hub: _Hub | None = None, check: bool = True, input: str | None = None
         ) -> subprocess.CompletedProcess[bytes]:
     """Run ``ip ARGS`` in the machine's network namespace, or in ``hub``'s."""
     argv = ["ip", *args]
     if hub is not None:
         argv = ["nsenter", f"--net=/proc/{hub.pid}/ns/net", "--", *argv]
-    done = subprocess.run(argv, capture_output=True, env=_CLEAN_ENV, timeout=30, check=False)
+    done = subprocess.run(argv, capture_output=True, env=_CLEAN_ENV, timeout=30, check=False,
+                          input=None if input is None else input.encode())
     if check and done.returncode != 0:
         raise NodeError(f"{shlex.join(argv)} failed: "
                         f"{done.stderr.decode(errors='replace').strip()}")
@@ -710,11 +711,14 @@ class NodeFarm:
         with self._lock:
             nodes = list(self._nodes.values())
             self._nodes.clear()
+        for node in nodes:  # all at once, then wait for each
+            self._kill(node)
         for node in nodes:
             try:
-                self._terminate(node)
+                self._terminate(node, unplug=False)
             except Exception:  # keep going: the others must still be stopped
                 log.exception("could not stop node %s", node.instance_id)
+        self._unplug(nodes)
 
     # ------------------------------------------------------------------ EC2 glue
     def on_launch(self, instance_id: str, private_ip: str) -> None:
@@ -955,7 +959,7 @@ class NodeFarm:
                                     stderr=subprocess.STDOUT, env=_CLEAN_ENV,
                                     close_fds=True, start_new_session=True)
             except (OSError, NodeError) as exc:
-                self._unplug(node)
+                self._unplug([node])
                 _safe_rmtree(workdir)
                 if isinstance(exc, NodeError):
                     raise
@@ -991,18 +995,22 @@ class NodeFarm:
         node._routed = True
         node.link = f"n{next(hub.links):x}"
 
-    def _unplug(self, node: Node) -> None:
-        """Remove the node's route and its veth (both ends go together), at once rather
-        than when the kernel reaps the node's namespace; the address is free again."""
+    def _unplug(self, nodes: Sequence[Node]) -> None:
+        """Remove the nodes' routes and veths (both ends of a pair go together), at once
+        rather than when the kernel reaps their namespaces: the addresses are free again.
+        One ``ip`` for the routes and one for the veths, however many nodes."""
         hub = self._hub
         if hub is None:
             return
-        if node._routed:
-            _ip("route", "del", f"{node.address}/32", "dev", hub.uplink, "table", "local",
-                check=False)
-            node._routed = False
-        if node.link:
-            _ip("link", "del", node.link, hub=hub, check=False)
+        routes = [f"route del {n.address}/32 dev {hub.uplink} table local\n"
+                  for n in nodes if n._routed]
+        links = [f"link del {n.link}\n" for n in nodes if n.link]
+        if routes:
+            _ip("-force", "-batch", "-", input="".join(routes), check=False)
+        if links:
+            _ip("-force", "-batch", "-", input="".join(links), hub=hub, check=False)
+        for node in nodes:
+            node._routed, node.link = False, ""
 
     def _await_ready(self, node: Node, record: bool = True) -> None:
         remaining = self.start_timeout - (time.monotonic() - node._spawned_at)
@@ -1064,15 +1072,21 @@ class NodeFarm:
             if logfile is not None:
                 logfile.close()
 
-    def _terminate(self, node: Node) -> None:
+    @staticmethod
+    def _kill(node: Node) -> None:
+        """SIGKILL to the node's init: the kernel kills everything in the node, and
+        unshare returns once they are all gone. The init is only signalled if it is still
+        the child of our recorded unshare (guards pid reuse)."""
+        proc = node._proc
+        if (proc is not None and proc.poll() is None and node.init_pid
+                and _ppid(node.init_pid) == proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(node.init_pid, signal.SIGKILL)
+
+    def _terminate(self, node: Node, unplug: bool = True) -> None:
         proc = node._proc
         if proc is not None and proc.poll() is None:
-            # SIGKILL to the namespace's init makes the kernel kill everything in the
-            # node; unshare returns once they are all gone. The init is only signalled
-            # if it is still the child of our recorded unshare (guards pid reuse).
-            if node.init_pid and _ppid(node.init_pid) == proc.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(node.init_pid, signal.SIGKILL)
+            self._kill(node)
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -1087,7 +1101,8 @@ class NodeFarm:
                 node._reader.join(timeout=5)
             with contextlib.suppress(OSError):
                 proc.stdout.close()
-        self._unplug(node)
+        if unplug:
+            self._unplug([node])
         for name in ("init.sh", "ns"):
             path = node.workdir / name
             if path.is_dir():
@@ -1143,19 +1158,20 @@ class NodeFarm:
             f"echo \"{_MARK} init-pid $(cut -d' ' -f4 /proc/self/stat)\"",
             # the node's own network namespace: lo, and eth0 whose peer is on the bridge
             f"H=/proc/{hub.pid}/ns/net",
-            "ip link set lo up || fail cannot bring up its loopback",
-            # the MAC follows the address: a node that takes over an address finds every
-            # neighbour cache (machine, other nodes) already right
-            f'ip link add eth0 address {_mac(node.address)} type veth'
-            f' peer name {node.link} netns "$H"'
-            " || fail cannot create its link to the hub",
+            # one `ip` for the node's side; the MAC follows the address, so a node that
+            # takes over an address finds every neighbour cache (machine, nodes) right
+            "ip -batch - <<EOF || fail cannot plug the node into the hub",
+            "link set lo up",
+            f'link add eth0 address {_mac(node.address)} type veth peer name {node.link}'
+            ' netns "$H"',
+            f"address add {node.address}/{_PREFIX} dev eth0",
+            "link set eth0 up",
+            f"route add {subnet} dev eth0 src {node.address} table local",
+            "EOF",
             f'nsenter --net="$H" -- ip link set {node.link} master {_BRIDGE} up'
             " || fail cannot attach its link to the bridge of the hub",
             f"echo 1 > {conf}/all/route_localnet && echo 1 > {conf}/eth0/route_localnet"
             " || fail cannot set route_localnet",
-            f"ip addr add {node.address}/{_PREFIX} dev eth0 && ip link set eth0 up"
-            f" && ip route add {subnet} dev eth0 src {node.address} table local"
-            f" || fail cannot give the node its address {node.address}",
             f"D={_q(d)}; R={_q(r)}",
             f'mount -t tmpfs -o mode=0755,size={_q(self.tmpfs_size)} node "$D/ns"'
             ' || fail cannot mount a tmpfs',
@@ -1164,7 +1180,8 @@ class NodeFarm:
             " || fail cannot mount the overlay of /",
             'mount -t proc proc "$R/proc" 2>/dev/null || mount --rbind /proc "$R/proc"',
             'mount --rbind /dev "$R/dev"',
-            'mount --rbind /sys "$R/sys"',
+            # a sysfs of the node's own network namespace (its eth0, not the machine's)
+            'mount -t sysfs sysfs "$R/sys" 2>/dev/null || mount --rbind /sys "$R/sys"',
             'mount -t tmpfs -o mode=0755,nosuid,nodev run "$R/run"',
             'mkdir -m 0755 "$R/run/sshd"; mkdir -m 1777 "$R/run/lock"',
             'mount -t tmpfs -o mode=1777,nosuid,nodev tmp "$R/tmp"',
