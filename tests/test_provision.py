@@ -167,7 +167,9 @@ def test_bootstrap_join_membership_and_doctor(cluster, node_farm: NodeFarm,  # n
 
     membership = prov.apply_membership(master, nodes)
     assert membership.ok, membership.error
-    expected_table = [[disco.short_name(n), str(VCPUS)] for n in nodes]
+    # master first, then by short name (ip-…-10 sorts before ip-…-9)
+    expected_table = [[disco.short_name(n), str(VCPUS)]
+                      for n in [master, *sorted(nodes[1:], key=disco.short_name)]]
     assert membership.value == expected_table
 
     # one cookie, mode 0400, owned by disco, never in a process list or a log; the
@@ -348,7 +350,8 @@ def test_tarball_goes_to_the_master_once_and_slaves_get_it_over_the_cluster_link
     with double:
         outcome = prov.apply_membership(master, nodes)
         assert outcome.ok, (outcome.error, outcome.log_tail[-10:])
-        assert double.table == [[disco.short_name(n), str(VCPUS)] for n in nodes]
+        assert double.table == [[disco.short_name(n), str(VCPUS)]
+                                for n in [master, *sorted(slaves, key=disco.short_name)]]
         assert [r.path for r in double.requests] == ["/disco/ctrl/save_config_table"]
         assert sh(node_farm, master, f"test -f {HOME}/.fake-disco-started && echo started") \
             == "started\n"
