@@ -212,6 +212,26 @@ def test_doctor_cluster_checks_the_ready_slaves_and_fails_the_others(config, mon
     assert f"`disposabledisco up {config.path}` --wait" in check.fix
 
 
+def test_the_drift_fix_makes_a_converged_up_apply_the_membership() -> None:
+    """What the fix says is true of the planner: a converged cluster plans nothing for the
+    table; without the master's hosts tag it applies the membership (file + live table)."""
+    from dataclasses import replace
+
+    from disposabledisco.plan import ApplyMembership, plan
+    from tests.test_plan import NOW, converged
+    from tests.test_plan import config as plan_config
+    from tests.test_plan import node as plan_node
+
+    cfg = plan_config(NUM_SLAVES=2)
+    steady = converged(cfg, [plan_node(), plan_node()])
+    assert plan(cfg, steady, NOW).actions == ()
+    master, *slaves = steady.nodes
+    untagged = replace(master, tags={k: v for k, v in master.tags.items() if k != TAG_HOSTS})
+    actions = plan(cfg, type(steady)((untagged, *slaves)), NOW).actions
+    assert [type(a) for a in actions] == [ApplyMembership]
+    assert set(actions[0].member_ids) == {n.instance_id for n in steady.nodes}
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_rendered_job_script_is_shellcheck_clean(config, tmp_path: Path) -> None:
     script = tmp_path / "doctor_job.sh"
