@@ -78,15 +78,19 @@ def cluster(start_nodes, ssh_gateway_factory, client_key):  # noqa: F811
                       group="master" if i == 0 else "t3.micro", instance_type="t3.micro",
                       instance_id=n.instance_id, private_ip=n.address, state="running")
                  for i, n in enumerate(farm_nodes)]
-        config = parse_config({
-            "AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "NUM_SLAVES": count - 1,
-            "DISCO_INSTALL": "source", "DISCO_SOURCE": str(bundle),
-            "BASE_PACKAGES": ["python3", "openssh-client"], "SSH_ADDRESS": "private_ip",
-            "MGMT_KEY": client_key.public, "TAG_KEY": "disco-source-test", "STATE_DIR": STATE})
+        config = source_config(bundle, count, client_key.public)
         gateway = ssh_gateway_factory()
         return Provisioner(config, gateway, lambda types: dict.fromkeys(types, VCPUS)), \
             nodes, config
     return make
+
+
+def source_config(bundle: Path, count: int, public_key: str, **values: object) -> Config:
+    return parse_config({
+        "AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "NUM_SLAVES": count - 1,
+        "DISCO_INSTALL": "source", "DISCO_SOURCE": str(bundle),
+        "BASE_PACKAGES": ["python3", "openssh-client"], "SSH_ADDRESS": "private_ip",
+        "MGMT_KEY": public_key, "TAG_KEY": "disco-source-test", "STATE_DIR": STATE, **values})
 
 
 def sh(farm: NodeFarm, node: Node, command: str) -> str:
@@ -98,7 +102,7 @@ def node_log(prov: Provisioner, node: Node) -> str:
 
 
 def test_master_builds_once_and_the_slave_gets_the_tree_with_our_settings(
-        cluster, node_farm: NodeFarm) -> None:  # noqa: F811
+        cluster, node_farm: NodeFarm, client_key) -> None:  # noqa: F811
     bundle = source_bundle()
     prov, nodes, config = cluster(bundle)
     master, slave = nodes
@@ -164,6 +168,33 @@ def test_master_builds_once_and_the_slave_gets_the_tree_with_our_settings(
     assert slave_values["DISCO_HOME"] == "/usr/lib/disco"
     assert slave_values["DISCO_ROOT"] == "/srv/disco" and "DISCO_MASTER_HOST" not in \
         slave_values
+
+    # the membership step starts the real Disco with these settings ...
+    applied = prov.apply_membership(master, nodes)
+    assert applied.ok, (applied.error, applied.log_tail[-20:])
+    assert applied.value.note == ""
+    assert "running" in disco_status(node_farm, master)
+    # ... and restarts it once a bootstrap wrote settings it has not read
+    changed = Provisioner(source_config(bundle, 2, client_key.public,
+                                        DISCO_SETTINGS={"DISCO_WORKER_MAX_MEM": "50%"}),
+                          prov.ssh, prov.vcpus)
+    stamp = changed.bootstrap([master])[master.instance_id]
+    assert stamp.ok and stamp.value.settings_changed, (stamp.error, stamp.log_tail[-20:])
+    assert "Disco already built" in node_log(prov, master)
+    applied = changed.apply_membership(master, nodes)
+    assert applied.ok, (applied.error, applied.log_tail[-20:])
+    hostname = sh(node_farm, master, "hostname -s").strip()
+    assert applied.value.note == f"restarted Disco on {hostname}: its settings changed"
+    assert "running" in disco_status(node_farm, master)
+    assert sh(node_farm, master, f"cat {STAGED}/disco-started-settings.sha256") == \
+        sh(node_farm, master, f"cat {STAGED}/settings.sha256")
+    again = changed.apply_membership(master, nodes)  # nothing changed: no restart
+    assert again.ok and again.value.note == "", (again.error, again.log_tail[-20:])
+
+
+def disco_status(farm: NodeFarm, node: Node) -> str:
+    return sh(farm, node, "cd / && runuser -u disco -- env HOME=/home/disco "
+                          "PATH=/usr/bin:/bin disco status 2>&1")
 
 
 def rebundle(bundle: Path, dest: Path, name: str, append: bytes) -> Path:
