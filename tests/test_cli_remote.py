@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -196,3 +198,29 @@ def test_bad_inputs_exit_2_with_one_line(cluster, argv: list[str], says: str) ->
     code, out, err = cli(*[a.format(cfg=cfg.path) for a in argv])
     assert code == 2
     assert out == "" and len(err.splitlines()) == 1 and says in err, err
+
+
+def test_tunnel_holds_the_port_and_says_what_it_is_for(cluster) -> None:
+    cfg, _, _ = cluster
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tunnel = subprocess.Popen([sys.executable, "-m", "disposabledisco", "tunnel", str(cfg.path),
+                               "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        said = [tunnel.stdout.readline() for _ in range(4)]
+        assert said[0].startswith(f"tunnel: localhost:{port} -> master ")
+        assert f"export DISCO_PROXY=http://localhost:{port}" in said[2]
+        assert "ddfs" in said[3] and "--role master --as disco -- disco" in said[3]
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert tunnel.poll() is None, tunnel.stderr.read()
+            assert time.monotonic() < deadline, "the tunnel never listened"
+            time.sleep(0.1)
+    finally:
+        tunnel.terminate()
+        tunnel.wait(timeout=10)
