@@ -5,8 +5,9 @@ build_script()`, as `tests/test_disco_build.py` runs it) from the vendor bundle;
 installed tree is handed to the real CLI as `DISCO_INSTALL: "tarball"`. `up --wait`
 converges 1 master + 2 slaves on the local EC2 endpoint, every instance a real sshd node
 with its own network namespace (own epmd and port 8989, as Disco needs). Then, as a user
-would, through the login line that `up` prints (the client on the master, as the Disco
-user: the only client path that works today, see `../shared/docs/disco-facts.md`):
+would, through the `run Disco:` line that `up` prints (`disposabledisco exec CONFIG
+--role master --as disco -- ...`: the client on the master as the Disco user, the client
+path that works, see `../shared/docs/disco-facts.md`):
 Disco's nodeinfo shows every host connected, `ddfs chunk` pushes the input, a word count
 runs with tasks on the slaves and gives exact counts. A second `up` opens no SSH session,
 makes the 2 describe calls and leaves Disco alone.
@@ -21,6 +22,7 @@ import collections
 import json
 import shlex
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,25 +46,12 @@ from tests.test_e2e_cluster import (  # noqa: F401 - gateways is a fixture used 
 pytestmark = [pytest.mark.disco, pytest.mark.nodes]
 
 DISCO_USER = "disco"
-#: `up --wait` converged this cluster in 9-15 s on the loaded 2-core machine; a config
-#: fault (as with the settings bug below) is retried until this runs out
+#: `up --wait` converged this cluster in 9-15 s on the loaded 2-core machine
 UP_TIMEOUT = 180
 #: eight input files: eight map tasks, more than the master's worker slots, so the
 #: scheduler has to use the slaves
 TEXTS = ["\n".join(" ".join(WORDS[(i * 5 + j * 3 + k) % len(WORDS)] for j in range(i % 7 + 1))
                    for i in range(60)) + "\n" for k in range(8)]
-
-# The tool's defaults do not give a Disco that starts: the bootstrap writes its own
-# /etc/disco/settings.py after the install and drops the installed DISCO_HOME and
-# DISCO_WWW_ROOT (issue 8, item 1). Remove the marker when that is fixed (strict: an
-# unexpected pass fails, so it cannot be forgotten).
-SETTINGS_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="disco start fails: 'DISCO_HOME is not specified, where should Disco live?' "
-           "(templates/base.sh write_disco_settings replaces the installed "
-           "/etc/disco/settings.py with settings_py() from disco.py, which has no "
-           "DISCO_HOME/DISCO_WWW_ROOT)")
-
 
 @pytest.fixture(scope="session")
 def installed_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -88,11 +77,15 @@ class Converged:
     err: str
     seconds: float
 
-    def login(self) -> list[str]:
-        """The `log in:` command that `up` printed, as argv."""
-        lines = [line for line in self.out.splitlines() if line.strip().startswith("log in:")]
-        assert lines, f"up printed no login line:\n{self.out}"
-        return shlex.split(lines[-1].split("log in:", 1)[1])
+    def run_disco(self) -> list[str]:
+        """The `run Disco:` command that `up` printed, up to its `--` (the example command
+        after it is replaced by ours), with the CLI of this tree."""
+        lines = [line for line in self.out.splitlines()
+                 if line.strip().startswith("run Disco:")]
+        assert lines, f"up printed no 'run Disco:' line:\n{self.out}"
+        argv = shlex.split(lines[-1].split("run Disco:", 1)[1])
+        assert argv[0] == "disposabledisco" and "--" in argv, lines[-1]
+        return [sys.executable, "-m", "disposabledisco.cli", *argv[1:argv.index("--") + 1]]
 
 
 @pytest.fixture(scope="module")
@@ -108,18 +101,26 @@ def converged(e2e: E2eEnv, installed_tree: Path) -> Converged:
     return Converged(cfg, code, out, err, seconds)
 
 
-def on_master(done: Converged, known_hosts: Path, script: str, timeout: float = 120
-              ) -> subprocess.CompletedProcess[str]:
-    """Run a bash script as the Disco user on the master, through the printed login
-    (a first login: the master's key is accepted into a test-local known_hosts)."""
-    argv = [*done.login(), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new",
-            "-o", f"UserKnownHostsFile={known_hosts}",
-            f"sudo -n -u {DISCO_USER} -H bash -s"]
-    return subprocess.run(argv, input=script, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-@SETTINGS_BUG
+def on_master(done: Converged, script: str, timeout: float = 120) -> Run:
+    """Run a bash script as the Disco user on the master the way `up` told the user to
+    (`disposabledisco exec CONFIG --role master --as disco -- ...`, a child process);
+    the master's exit code and output, from `--json`."""
+    argv = [*done.run_disco()[:-1], "--json", "--", "bash", "-c", script]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                            check=False)
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    (node,) = json.loads(result.stdout)["nodes"]
+    assert node["role"] == "master", node
+    return Run(node["exit_code"], node["stdout"], node["stderr"] + node["error"])
+
+
 def test_up_converges_a_cluster_that_runs_disco(converged: Converged) -> None:
     assert converged.code == 0, converged.out + converged.err
     cluster = observe_cluster(converged.cfg)
@@ -127,18 +128,16 @@ def test_up_converges_a_cluster_that_runs_disco(converged: Converged) -> None:
     assert all(node.state == "ready" for node in live(cluster))
 
 
-@SETTINGS_BUG
-def test_word_count_over_ddfs_runs_on_the_slaves(converged: Converged, tmp_path: Path) -> None:
+def test_word_count_over_ddfs_runs_on_the_slaves(converged: Converged) -> None:
     assert converged.code == 0, converged.out + converged.err
     cluster = observe_cluster(converged.cfg)
     hosts = {short_name(node) for node in live(cluster)}
     slaves = {short_name(node) for node in live(cluster, "slave")}
-    known_hosts = tmp_path / "known_hosts"
 
     # Disco's own view: every host of the table connected, none blacklisted
     deadline = time.monotonic() + 60
     while True:
-        info = on_master(converged, known_hosts, "disco nodeinfo")
+        info = on_master(converged, "disco nodeinfo")
         assert info.returncode == 0, info.stdout + info.stderr
         # one `host<TAB>{python dict}` line per host of the table
         view = {host: ast.literal_eval(state) for host, state in
@@ -158,7 +157,7 @@ def test_word_count_over_ddfs_runs_on_the_slaves(converged: Converged, tmp_path:
               "python3 -W ignore job.py tag://data:words\n"
               "disco events \"$(disco jobs | head -n 1)\"\n")
     started = time.monotonic()
-    job = on_master(converged, known_hosts, script, timeout=300)
+    job = on_master(converged, script, timeout=300)
     seconds = time.monotonic() - started
     assert job.returncode == 0, job.stdout + job.stderr
     results = [line for line in job.stdout.splitlines() if line.startswith("RESULT ")]
@@ -171,11 +170,10 @@ def test_word_count_over_ddfs_runs_on_the_slaves(converged: Converged, tmp_path:
     ran_on = {source for _, source, message in events if message.startswith("DONE: [map:")}
     assert ran_on <= hosts and slaves <= ran_on, job.stdout
     job_line = next(line for line in job.stdout.splitlines() if line.startswith("JOB_"))
-    print(f"\npush + word count through the login line: {seconds:.1f} s; {job_line}; "
+    print(f"\npush + word count through `disposabledisco exec`: {seconds:.1f} s; {job_line}; "
           f"map tasks on {sorted(ran_on)}")
 
 
-@SETTINGS_BUG
 def test_second_pass_touches_neither_nodes_nor_disco(
         e2e: E2eEnv, converged: Converged, gateways) -> None:  # noqa: F811
     assert converged.code == 0, converged.out + converged.err
