@@ -260,8 +260,9 @@ REAL_MASTER, REAL_GHOST = node("127.0.1.1", "master"), node("127.0.1.2")
 URL = "http://127.0.1.1:8989/disco/ctrl/nodeinfo"
 
 # Disco runs as its own user (as on a node); the doctor's script runs as root, as over SSH.
-# Sections: healthy (nodeinfo + job), a member whose worker cannot start (ghost), then the
-# worker stopped: its Erlang node killed and `erl` gone so Disco cannot start it again.
+# Sections: healthy (nodeinfo + job), a member whose worker cannot start (ghost), the node
+# blacklisted, tasks that cannot start (no `python` on the PATH: the job times out), then
+# the worker stopped: its Erlang node killed and `erl` gone so Disco cannot start it again.
 DOCTOR_INNER_SH = f'''\
 set -uo pipefail
 cd /tmp/job
@@ -285,6 +286,18 @@ section ghost_nodeinfo nodeinfo {URL} 5 {HOST} {GHOST}
 echo '[["{HOST}", "2"]]' | disco_do python3 -W ignore -c 'import sys, urllib.request
 urllib.request.urlopen(sys.argv[1], data=sys.stdin.buffer.read()).read()' \\
   http://127.0.1.1:8989/disco/ctrl/save_config_table
+post() {{ disco_do python3 -W ignore -c 'import sys, urllib.request
+urllib.request.urlopen(sys.argv[1], data=sys.argv[2].encode()).read()' \\
+  "http://127.0.1.1:8989/disco/ctrl/$1" "$2"; }}
+post blacklist '"{HOST}"'
+section blacklisted_nodeinfo nodeinfo {URL} 3 {HOST}
+post whitelist '"{HOST}"'
+mv /usr/bin/python /usr/bin/python.off
+section no_python_job wordcount doctor-test-tag3 20 "$LINE"
+mv /usr/bin/python.off /usr/bin/python
+echo "=== leftovers_after_failure"
+disco_do ddfs ls doctor-test
+disco_do disco jobs
 mv /usr/bin/erl /usr/bin/erl.stopped
 for pid in $(ps -eo pid=,args= | awk '/disco_8989_slave/ && !/awk/ {{print $1}}'); do
   kill -9 "$pid"
@@ -352,6 +365,19 @@ def test_doctor_job_script_against_a_real_disco(built: tuple[Path, Build, Path],
         [(f"{HOST} (master)", True), (GHOST, False)], ghost
     assert f"ssh {GHOST} erl" in ghost[-1].fix
 
+    blacklisted = nodeinfo_checks(config, REAL_MASTER, [], out["blacklisted_nodeinfo"], table,
+                                  waited=3)
+    assert [(c.check, c.ok) for c in blacklisted][1] == ("disco worker", False)
+    assert f"Disco().whitelist('{HOST}')" in blacklisted[1].fix
+    # the workers cannot run tasks (no `python` on the PATH): the job fails at step run,
+    # the fix names the worker checks and the job's events; job and tag removed
+    no_python = job_check(config, REAL_MASTER, out["no_python_job"], line, seconds=20)
+    assert not no_python.ok, out["no_python_job"]
+    assert "(step run)" in no_python.detail or "at step run" in no_python.detail
+    assert "`sudo -u disco disco events disposabledisco_doctor@" in no_python.fix
+    assert "doctor-test-tag" not in out["leftovers_after_failure"]
+    assert "disposabledisco_doctor" not in out["leftovers_after_failure"]
+
     stopped = nodeinfo_checks(config, REAL_MASTER, [], out["stopped_nodeinfo"], table,
                               waited=5)
     assert [(c.check, c.ok) for c in stopped] == [("disco master answers", True),
@@ -363,8 +389,8 @@ def test_doctor_job_script_against_a_real_disco(built: tuple[Path, Build, Path],
     assert "`ddfs chunk` failed" in failed_job.detail
     assert "Not enough nodes for replicas" in failed_job.detail
     assert "fix the failing disco worker checks" in failed_job.fix
-    print(f"\nreal Disco, 5 doctor questions: {seconds:.1f} s; healthy job: {job.detail}; "
-          f"stopped worker: {failed_job.detail}")
+    print(f"\nreal Disco, 7 doctor questions: {seconds:.1f} s; healthy job: {job.detail}; "
+          f"no python: {no_python.detail}; stopped worker: {failed_job.detail}")
 
 
 # -- the nodes tier: the whole doctor over SSH, Disco's endpoint played by the double ----
