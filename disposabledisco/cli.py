@@ -348,10 +348,11 @@ def main(argv: Sequence[str] | None = None, entry: str | None = None) -> int:
 
 
 def _config_line(path: str | None, problem: str) -> str:
-    """A config problem naming the file once (some problems name it already)."""
-    if path is None or problem.startswith(f"{path}:") or str(path) in problem.split(":")[0]:
+    """A config problem as `FILE: sentence`, the file named once in front (problems that
+    start with it, or say "config file FILE", are not given it twice)."""
+    if path is None or problem.startswith(f"{path}: "):
         return problem
-    return f"{path}: {problem}"
+    return f"{path}: {problem.replace(f'config file {path} ', 'the config file ', 1)}"
 
 
 def _fail(args: argparse.Namespace, lines: str | list[str], code: int) -> int:
@@ -443,7 +444,7 @@ def _emit(args: argparse.Namespace, report: PassReport, config: Config,
 def _hint(config: Config, report: PassReport) -> None:
     """How to use the cluster, once its master runs (never for --json or a dry run)."""
     remote.write_known_hosts(config, remote.reachable(config, report.cluster))
-    hint = access_hint(config, report.cluster)
+    hint = access_hint(config, report.cluster, disco=report.converged)
     if hint:
         print(hint, flush=True)
 
@@ -468,8 +469,9 @@ def cmd_up(config: Config, args: argparse.Namespace) -> int:
                      or time.monotonic() >= deadline)
             status.clear()
             if not final:
-                if not args.json:  # what this pass did; the waiting line says the rest
-                    _emit(args, report, config, None)
+                if not args.json and any(not r.skipped for r in report.results):
+                    # what this pass did; the status line says what is awaited
+                    print(render_pass(report, None, waiting=False), flush=True)
                 status.show(f"waiting {time.monotonic() - started:.0f} s of {timeout:g} s: "
                             f"{waiting_text(report) or 'next pass'}")
                 time.sleep(max(0.0, min(delay, deadline - time.monotonic())))

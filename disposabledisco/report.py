@@ -63,8 +63,9 @@ def waiting_text(report: PassReport) -> str:
         f"; … {len(waiting) - 8} more" if len(waiting) > 8 else "")
 
 
-def render_pass(report: PassReport, verdict: str | None = None) -> str:
-    """The pass as text; ``verdict`` is the closing line (none when None)."""
+def render_pass(report: PassReport, verdict: str | None = None, waiting: bool = True) -> str:
+    """The pass as text; ``verdict`` is the closing line (none when None); ``waiting``
+    False leaves out what is awaited (`up --wait` shows that on its own line)."""
     lines: list[str] = []
     if report.dry_run:
         lines.append("dry run: nothing is changed" if report.plan.actions
@@ -79,9 +80,9 @@ def render_pass(report: PassReport, verdict: str | None = None) -> str:
             lines.append(f"      {instance_id}: {tail[0]}")
             lines += [f"        | {line}" for line in tail[1:]]
     lines += [f"  problem: {p}" for p in report.plan.problems]
-    waiting = waiting_text(report)
-    if waiting and not report.failed:
-        lines.append(f"  waiting: {waiting}")
+    awaited = waiting_text(report) if waiting else ""
+    if awaited and not report.failed:
+        lines.append(f"  waiting: {awaited}")
     if verdict:
         lines.append(verdict)
     return "\n".join(lines)
@@ -251,9 +252,10 @@ def _price_text(node: Node, prices: Prices) -> str:
     return f"{usd(now)}/h ({bid})" if now is not None else bid
 
 
-def access_hint(config: Config, cluster: Cluster) -> str | None:
+def access_hint(config: Config, cluster: Cluster, disco: bool = True) -> str | None:
     """How to use the cluster once its master runs: only commands that work as printed
-    (the plain ssh line only once the master's host key is pinned)."""
+    (the plain ssh line only once the master's host key is pinned, the Disco lines only
+    with ``disco``: when the cluster converged)."""
     master = cluster.master
     address = ssh_address(master, config["SSH_ADDRESS"]) if master else None
     if not master or master.state not in ("running", "ready") or not address:
@@ -263,6 +265,8 @@ def access_hint(config: Config, cluster: Cluster) -> str | None:
              f"  log in:    disposabledisco ssh {conf}"]
     if HostKeyStore(config.state_dir).get(master.instance_id or "") is not None:
         lines.append(f"     or:    {shlex.join(remote.ssh_argv(config, master))}")
+    if not disco or config["DISCO_INSTALL"] == "none":
+        return "\n".join(lines)
     lines += [
         f"  run Disco: disposabledisco exec {conf} --role master --as disco -- disco jobs",
         "             (Disco clients, ddfs included, work on the master as the Disco user)",
