@@ -216,3 +216,22 @@ def test_bundle_failure_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     assert len(err.splitlines()) == 1 and err.startswith("disposabledisco: bundle: "), err
     assert str(tmp_path / "none") in err
     assert not out_file.exists()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_waiting_line_updates_in_place_on_a_terminal_and_only_changes_elsewhere() -> None:
+    tty, log = _Terminal(), io.StringIO()
+    for stream in (tty, log):
+        line = cli_module.StatusLine(stream)
+        for elapsed in (1, 2):
+            line.show(f"waiting {elapsed} s of 9 s: slave i-1 open")
+        line.show("waiting 3 s of 9 s: slave i-1 pending")
+        line.clear()
+    assert tty.getvalue().count("\n") == 0 and tty.getvalue().count("\r\033[K") == 4
+    assert tty.getvalue().endswith("pending\r\033[K")
+    assert log.getvalue() == ("waiting 1 s of 9 s: slave i-1 open\n"
+                              "waiting 3 s of 9 s: slave i-1 pending\n")
