@@ -224,3 +224,21 @@ def test_tunnel_holds_the_port_and_says_what_it_is_for(cluster) -> None:
     finally:
         tunnel.terminate()
         tunnel.wait(timeout=10)
+
+
+def test_a_rebuilt_node_is_refused_until_its_key_is_forgotten(e2e: E2eEnv, cluster) -> None:
+    """Last in the file: it changes a slave's host key. Refused by exec and ssh while the
+    old key is pinned; after forget-host-key, ssh pins the new key with no prompt."""
+    cfg, _, nodes = cluster
+    instance_id, name = sorted(nodes.items())[3]
+    new_key = e2e.farm.replace_host_key(instance_id)
+    code, out, err = cli("exec", str(cfg.path), "--", "true")
+    assert code == 1 and f"{name} not done" in out.splitlines()[-1]
+    assert re.search(rf"{instance_id}.*host key.*changed", err), err
+    assert cli_process("ssh", str(cfg.path), instance_id, "--", "true").returncode == 255
+    assert cli("forget-host-key", str(cfg.path), instance_id)[0] == 0
+    done = cli_process("ssh", str(cfg.path), instance_id, "--", "hostname")
+    assert done.returncode == 0 and done.stdout.strip() == name, done.stderr
+    assert (cfg.state_dir / "hostkeys" / instance_id).read_text().split()[:2] == \
+        new_key.split()[:2]
+    assert cli("exec", str(cfg.path), "--", "true")[0] == 0
