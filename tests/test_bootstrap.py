@@ -555,3 +555,20 @@ def test_a_downloaded_bundle_with_another_sha256_is_the_configs_fault(tmp_path: 
                           {"CURL_CA_BUNDLE": str(cert)})
     assert good.returncode == 0, good.stderr
     assert good.stderr.count("already here") == 1  # downloaded once per URL
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_master_that_cannot_assemble_the_bundle_names_the_repository(tmp_path: Path) -> None:
+    """DISCO_SOURCE null: the shipped disco_source.py runs on the master; a base URL without
+    the pinned repositories is the config's fault, naming the first one it could not get."""
+    base = f"file://{tmp_path}/mirror"
+    result = source_harness(tmp_path, config(**SOURCE, DISCO_SOURCE_BASE_URL=base),
+                            "fetch_disco_source\n")
+    assert result.returncode == 78, result.stderr
+    first = bootstrap.disco_source.PINS[0]
+    assert f"disco bundle: {base}/{first.repo} at {first.commit}: git fetch failed" in \
+        result.stderr
+    assert result.stderr.splitlines()[-1].endswith(
+        "(with DISCO_SOURCE null the master fetches from DISCO_SOURCE_BASE_URL: allow it "
+        "outbound https, or set DISCO_SOURCE to a bundle file)")
+    assert not list((tmp_path / "state").glob("*source*"))
