@@ -121,7 +121,10 @@ def settings_py(config: Config, node_count: int) -> str:
     master's bootstrap appends its own short hostname (the name Disco gives its node).
     """
     values = settings_values(config, node_count)
-    lines = ["# Written by disposabledisco; changes are overwritten on the next bootstrap."]
+    # lib.sh write_disco_settings recognises its own file by this first line, and puts
+    # the install's own values (DISCO_HOME, ...) right below it
+    lines = ["# Written by disposabledisco; rewritten at every bootstrap, join and "
+             "membership change."]
     lines += [f"{key} = {value!r}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
 

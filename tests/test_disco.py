@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from importlib.resources import files
 
 import pytest
 
@@ -13,6 +14,10 @@ from disposabledisco.config import parse_config
 from disposabledisco.doctor import Check, DoctorReport
 from tests.disco_double import DiscoDouble, TableRejected, validate_table
 
+#: the first line lib.sh's write_disco_settings takes as "this file is ours"
+SETTINGS_HEADER = next(line.split("=", 1)[1].strip("'") for line in
+                       (files("disposabledisco") / "templates" / "lib.sh").read_text()
+                       .splitlines() if line.startswith("SETTINGS_HEADER="))
 BASE = {"AMI": "ami-0123456789abcdef0", "KEY_NAME": "k", "TAG_KEY": "disco-test"}
 MULTIPLIERS = {"master": 1, "c5.large": 2}
 
@@ -310,5 +315,7 @@ def test_rewrite_hosts_keeps_lines_after_our_block_and_drops_trailing_blank_line
 def test_settings_file_is_a_header_then_one_line_per_setting() -> None:
     text = disco.settings_py(config(), 2)
     assert text.splitlines()[0] == (
-        "# Written by disposabledisco; changes are overwritten on the next bootstrap.")
+        "# Written by disposabledisco; rewritten at every bootstrap, join and membership "
+        "change.")
+    assert text.startswith(SETTINGS_HEADER)  # how the node's writer knows its own file
     assert len(text.splitlines()) == 1 + len(disco.settings_values(config(), 2))
