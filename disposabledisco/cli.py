@@ -52,6 +52,7 @@ from .report import (
     up_verdict,
     waiting_text,
 )
+from .sandbox.loopback import sandbox_not_running
 from .ssh import SshError
 
 DEFAULT_WAIT_TIMEOUT = 1800
@@ -191,6 +192,8 @@ def _args_down(p: argparse.ArgumentParser) -> None:
 
 def _args_doctor(p: argparse.ArgumentParser) -> None:
     _config_arg(p)
+    p.add_argument("--no-job", action="store_true",
+                   help="skip the tiny word count over DDFS (the slowest check)")
     _json_arg(p, "every check with its status, detail and fix")
 
 
@@ -387,6 +390,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in REMOTE_COMMANDS:
         _check_remote_command(args)
     desired_state(config)  # reads a local DISCO_TARBALL: fail before any EC2 call
+    stale = sandbox_not_running(args.config, config.endpoint_url)
+    if stale:  # a stale sandbox.json: say so now, not after botocore's long retries
+        return _fail(args, f"disposabledisco: {stale}", EXIT_FAILED)
     _region_note(config)
     return COMMANDS[args.command](config, args)
 
@@ -588,7 +594,7 @@ def _confirm(config: Config, preview: PassReport) -> None:
 
 def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
     from .doctor import doctor_cluster
-    report = doctor_cluster(config, Ec2Gateway(config))
+    report = doctor_cluster(config, Ec2Gateway(config), job=not args.no_job)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.to_text())
     return EXIT_CONVERGED if report.ok else EXIT_FAILED
 

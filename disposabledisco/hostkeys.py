@@ -365,5 +365,6 @@ class HostKeyVerifier:
             f"host key of {instance_id} ({address}) changed: pinned {pinned.keytype} "
             f"{pinned.fingerprint}, now offered {offered.keytype} {offered.fingerprint}; "
             f"refusing to connect. If {instance_id} was really rebuilt, forget its key "
-            f"(delete {self.store.path(instance_id)}) and run again",
+            f"(disposabledisco forget-host-key CONFIG {instance_id}, which deletes "
+            f"{self.store.path(instance_id)}) and run again",
         )

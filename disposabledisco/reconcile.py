@@ -307,10 +307,9 @@ class _Applier:
         node's fault (nothing is replaced for it), then the node log's last lines."""
         fault = getattr(outcome, "fault", "node")
         if fault == "hostkey":
-            pin = HostKeyStore(self.config.state_dir).path(instance_id)
             first = (f"{outcome.error or 'host key refused'} — {instance_id} is kept and "
                      f"never replaced for this; if it was really rebuilt, forget its pinned "
-                     f"host key: rm {shlex.quote(str(pin))}")
+                     f"host key: {forget_command(self.config, instance_id)}")
         elif fault == "tamper":
             first = (f"{outcome.error or 'refused'} — {instance_id} is kept for inspection "
                      f"and never replaced for this")
@@ -348,6 +347,12 @@ class _Applier:
         note = getattr(getattr(outcome, "value", None), "note", "")
         return ActionResult(action, True, f"{1 + len(slaves)} host(s)"
                             + (f"; {note}" if note else ""))
+
+
+def forget_command(config: Config, instance_id: str) -> str:
+    """The command line that forgets an instance's pinned host key, ready to paste."""
+    path = shlex.quote(str(config.path)) if config.path else "CONFIG"
+    return f"disposabledisco forget-host-key {path} {instance_id}"
 
 
 @dataclass(frozen=True)

@@ -622,9 +622,10 @@ def test_forgetting_a_changed_host_key_as_told_repairs_the_cluster(e2e: E2eEnv) 
         code, out, err = cli("up", str(cfg(ADDITIONAL_PACKAGES=["sudo"])))
         assert code == 1 and "host key" in out, out + err
 
-        forget = re.search(r"delete (\S+)\)", out)
-        assert forget, out
-        Path(forget.group(1)).unlink()
+        forget = re.search(r"disposabledisco (forget-host-key \S+ \S+)", out)
+        assert forget and victim.instance_id in forget.group(1), out
+        code, said, err = cli(*forget.group(1).split())
+        assert code == 0, said + err
         code, out, err = cli("up", str(cfg.path), "--wait", "--timeout", "120")
         assert code == 0, out + err
         known = sh(e2e, master.instance_id,

@@ -39,7 +39,8 @@ def test_changed_slave_host_key_fails_every_pass_and_never_replaces_the_node(
         assert run.code == 1, run.describe()
         assert not run.traceback, run.describe()
         out = run.stdout + run.stderr
-        assert slave in out and f"rm {shlex.quote(str(pin))}" in out, run.describe()
+        command = f"disposabledisco forget-host-key {shlex.quote(str(case.config_path))} {slave}"
+        assert slave in out and command in out, run.describe()
         assert not [a for a in run.actions if a["kind"] == "Terminate"], run.describe()
         instance = next(i for i in case.instances() if i["InstanceId"] == slave)
         assert instance["State"]["Name"] == "running", f"pass {attempt}: {instance['State']}"
@@ -47,8 +48,9 @@ def test_changed_slave_host_key_fails_every_pass_and_never_replaces_the_node(
         assert not {TAG_FAILURES, TAG_UNREACHABLE} & tags, f"pass {attempt}: {tags}"
         case.advance(61)
     assert len(case.instances()) == 2, "nothing was launched to replace it"
-    # the operator looked and forgets the pin: the next passes converge with the new key
-    pin.unlink()
+    # the operator looked and runs the printed command: the next passes converge
+    forgot = case.run(*shlex.split(command)[1:])
+    assert forgot.code == 0 and not pin.exists(), forgot.describe()
     case.converge()
 
 

@@ -40,15 +40,18 @@ DEEP = "@@DEEP@@"  # stands for nesting written out in the file's text
 EC2_CALLS: list[str] = []
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # closed again when we return
+def _silent_listener() -> socket.socket:
+    """A loopback port that accepts connections and never answers: the CLI's check for a
+    stopped sandbox passes, and any call that got past the counting hook would hang."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return listener
 
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory) -> Iterator[Path]:
-    """A private HOME, no AWS files, EC2 at a closed port and every API call counted."""
+    """A private HOME, no AWS files, EC2 at a silent port and every API call counted."""
     home = tmp_path_factory.mktemp("fuzz-home")
     patch = pytest.MonkeyPatch()
     for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL"):
@@ -60,7 +63,8 @@ def sandbox(tmp_path_factory) -> Iterator[Path]:
     patch.setenv("AWS_SECRET_ACCESS_KEY", "fuzz")
     patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    patch.setenv("AWS_ENDPOINT_URL_EC2", f"http://127.0.0.1:{_closed_port()}")
+    listener = _silent_listener()
+    patch.setenv("AWS_ENDPOINT_URL_EC2", f"http://127.0.0.1:{listener.getsockname()[1]}")
 
     def counted(self, operation, params):  # noqa: ARG001
         EC2_CALLS.append(operation)
@@ -73,6 +77,7 @@ def sandbox(tmp_path_factory) -> Iterator[Path]:
         yield home
     finally:
         patch.undo()
+        listener.close()
 
 
 def run(argv: list[str]) -> tuple[int, str, str]:

@@ -27,7 +27,6 @@ from disposabledisco import disco, reconcile
 from disposabledisco.bootstrap import BootstrapError
 from disposabledisco.cluster import TAG_FAILURES, TAG_UNREACHABLE, Node
 from disposabledisco.doctor import run_doctor
-from disposabledisco.hostkeys import HostKeyStore
 from disposabledisco.plan import Terminate
 from disposabledisco.provision import Provisioner
 from disposabledisco.report import render_pass
@@ -274,11 +273,10 @@ def test_only_node_faults_count_toward_replacement(tmp_path, fault: str) -> None
     assert not counted and not terminated, (counted, terminated)
     assert ec2.instances[worker.slave]["State"]["Name"] == "running"
     assert set(codes) == {reconcile.EXIT_FAILED}, codes  # every pass, until someone acts
-    pin = HostKeyStore(cfg.state_dir).path(worker.slave)
     for text in texts:
         assert worker.slave in text
         if fault == "hostkey":
-            assert f"rm {pin}" in text, text
+            assert reconcile.forget_command(cfg, worker.slave) in text, text
         elif fault == "tamper":
             assert "kept for inspection" in text, text
         else:
@@ -299,7 +297,7 @@ def test_a_master_refused_at_join_for_its_host_key_is_kept(tmp_path) -> None:
     for minute in range(0, 60, 10):
         report = run(cfg, ec2, worker, now=NOW + timedelta(minutes=minute))
         assert report.exit_code == reconcile.EXIT_FAILED
-        assert f"rm {HostKeyStore(cfg.state_dir).path(master)}" in render_pass(report)
+        assert reconcile.forget_command(cfg, master) in render_pass(report)
         assert not any(isinstance(r.action, Terminate) for r in report.results)
     assert TAG_FAILURES not in ec2.tags_of(master)
     assert TAG_UNREACHABLE not in ec2.tags_of(master)

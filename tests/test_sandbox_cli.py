@@ -274,8 +274,6 @@ def test_a_damaged_sandbox_json_is_not_overwritten(tmp_path: Path):
     assert config.read_text() == '{"NUM_SLAVES": 2,'
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py does not yet ask "
-                   "loopback.sandbox_not_running before the first EC2 call")
 def test_a_stale_sandbox_config_says_the_sandbox_is_not_running(tmp_path: Path):
     with listening("127.0.0.1") as port:
         pass  # a port that was just free: nothing answers there now
