@@ -521,10 +521,12 @@ class StatusLine:
 
 
 def _permanent(report: PassReport) -> bool:
-    """A failure that another pass will not fix by itself (EC2 refused a create)."""
+    """A failure that another pass will not fix by itself: EC2 refused a create, or a node
+    failed for the config's fault, a changed host key or something planted on it."""
     if report.plan.problems:
         return True
-    return any(not r.ok and r.action.mutates_ec2 for r in report.results)
+    return any(not r.ok and (r.action.mutates_ec2 or r.needs_the_operator)
+               for r in report.results)
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:

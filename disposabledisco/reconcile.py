@@ -27,6 +27,7 @@ from .cluster import (
     Node,
     build_cluster,
     join_tag,
+    ownership,
 )
 from .config import Config
 from .disco import membership_digest
@@ -81,6 +82,14 @@ class ActionResult:
     detail: str = ""
     skipped: bool = False
     node_errors: dict[str, str] = field(default_factory=dict)
+    #: instance id → fault class (ssh.FAULTS) of each failed node
+    faults: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def needs_the_operator(self) -> bool:
+        """A node failed for a reason another pass will not fix by itself (the config, a
+        changed host key, something planted): waiting for the next pass is pointless."""
+        return any(f != "node" for f in self.faults.values())
 
 
 @dataclass
@@ -142,7 +151,8 @@ def pin_digests(config: Config, instance_ids: Iterable[str]) -> dict[str, str]:
 
 def observe(config: Config, ec2: Ec2Gateway, now: datetime | None = None) -> Cluster:
     seen = ec2.observe()
-    desired = desired_state(config, [i["InstanceId"] for i in seen.instances])
+    ours = ownership(seen.requests, seen.instances, config.tag_key).instances
+    desired = desired_state(config, sorted(ours))
     return build_cluster(seen.requests, seen.instances, config.tag_key, desired,
                          now or datetime.now(timezone.utc))
 
@@ -250,7 +260,8 @@ class _Applier:
             self._record_failures({action.master_id: failed})
             return ActionResult(action, False, f"master {action.master_id}: {error}",
                                 node_errors={action.master_id: self._explain(
-                                    action.master_id, failed)})
+                                    action.master_id, failed)},
+                                faults={action.master_id: failed.fault})
         self._record_failures(outcomes)
         done = [i for i, o in outcomes.items() if o.ok]
         for instance_id in done:  # each value names the slave's own pinned key
@@ -300,7 +311,9 @@ class _Applier:
         errors = {i: self._explain(i, o) for i, o in outcomes.items() if not o.ok}
         done = len(outcomes) - len(errors)
         return ActionResult(action, not errors, f"{done} of {len(outcomes)} done",
-                            node_errors=errors)
+                            node_errors=errors,
+                            faults={i: getattr(o, "fault", "node") for i, o in outcomes.items()
+                                    if not o.ok})
 
     def _explain(self, instance_id: str, outcome: Any) -> str:
         """The failure for the report: what the operator must do when it is not the
@@ -340,7 +353,8 @@ class _Applier:
         if not outcome.ok:
             return ActionResult(action, False, outcome.error or "failed",
                                 node_errors={action.master_id: self._explain(
-                                    action.master_id, outcome)})
+                                    action.master_id, outcome)},
+                                faults={action.master_id: getattr(outcome, "fault", "node")})
         self.ec2.tag([action.master_id], {TAG_HOSTS: digest})
         self.by_id[action.master_id] = _with_tag(master, TAG_HOSTS, digest)
         # what the master said besides (provision.AppliedTable.note: a restart of Disco)

@@ -341,3 +341,18 @@ def tarball(path: Path, extra: list[str]) -> Path:
             info.size, info.mode = len(data), mode
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+@pytest.mark.parametrize("fault", ["hostkey", "config", "tamper", "node"])
+def test_up_wait_stops_at_once_only_for_what_another_pass_cannot_fix(tmp_path,
+                                                                      fault: str) -> None:
+    """`up --wait` retries a node's own failure, but not one only the operator can fix."""
+    from disposabledisco.cli import _permanent
+
+    cfg, ec2, worker = config(tmp_path), FakeEc2(), BlamingWorker(fault)
+    ec2.add_instance("master")
+    worker.slave = ec2.add_instance("slave")
+    report = run(cfg, ec2, worker, now=NOW)
+    failed = [r for r in report.results if not r.ok]
+    assert failed and failed[0].faults == {worker.slave: fault}
+    assert _permanent(report) is (fault != "node")
