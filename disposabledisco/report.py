@@ -207,6 +207,8 @@ def _state_text(node: Node) -> str:
         return f"{node.state} ({node.reason})"
     if billed(node):
         return f"leaving the cluster: instance {node.instance_state}, still billed"
+    if node.reason == "instance state unknown":  # EC2 said something we cannot read
+        return f"ended ({node.reason}): check it in the EC2 console"
     return "ended: no instance, not billed"
 
 

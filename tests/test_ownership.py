@@ -306,7 +306,7 @@ def test_odd_describe_answers_end_in_an_exit_code_not_a_traceback(ec2_env, write
         code, out, err = run_cli(capsys, "status", path, "--all")
         assert code == 10
         assert "malformed record: no InstanceId" in out
-        assert "i-bare" in out and "gone (instance state unknown)" in out  # ours, not live
+        assert "i-bare" in out and "ended (instance state unknown)" in out  # ours, not live
         code, _, err = run_cli(capsys, "up", path, "--ec2-only", "--dry-run")
         assert code == 10 and len(warnings(err)) == 1
     finally:
