@@ -54,6 +54,7 @@ from .report import (
 )
 from .sandbox.loopback import sandbox_not_running
 from .ssh import SshError
+from .upgrade import carry_over_pins
 
 DEFAULT_WAIT_TIMEOUT = 1800
 EXIT_INTERRUPTED = 130
@@ -393,6 +394,9 @@ def _run(args: argparse.Namespace) -> int:
     stale = sandbox_not_running(args.config, config.endpoint_url)
     if stale:  # a stale sandbox.json: say so now, not after botocore's long retries
         return _fail(args, f"disposabledisco: {stale}", EXIT_FAILED)
+    if carried := carry_over_pins(config):
+        print(f"carried {remote.plural(carried, 'pinned host key')} over from "
+              f"{config.legacy_state_dir} to {config.state_dir}", file=sys.stderr)
     _region_note(config)
     return COMMANDS[args.command](config, args)
 

@@ -225,6 +225,12 @@ class Config:
             name += "+" + hashlib.sha256(self.endpoint_url.encode("utf-8")).hexdigest()[:8]
         return self.resolve_path(self.values["STATE_DIR"]) / name
 
+    @property
+    def legacy_state_dir(self) -> Path:
+        """Where versions before the per-region folders kept this cluster's state
+        (STATE_DIR/<TAG_KEY>, shared by every region): read once, to carry pins over."""
+        return self.resolve_path(self.values["STATE_DIR"]) / _safe_file_name(self.tag_key)
+
     def resolve_path(self, value: str) -> Path:
         """A path from the config as the user means it: ~ expanded, relative to the file.
 
