@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from . import __version__, remote
 from .bootstrap import BootstrapError
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, default_config, load_config
 from .ec2 import AwsError, Ec2Gateway
 from .lock import LockHeld, cluster_lock
 from .reconcile import (
@@ -156,7 +156,9 @@ def _role_args(parser: argparse.ArgumentParser, as_user: bool = True) -> None:
 
 
 def _args_init(p: argparse.ArgumentParser) -> None:
-    del p  # no arguments
+    p.add_argument("--schema", action="store_true",
+                   help="print the config's JSON Schema instead, to save as "
+                        "disposabledisco.schema.json next to the config for your editor")
 
 
 def _args_validate(p: argparse.ArgumentParser) -> None:
@@ -323,9 +325,9 @@ def main(argv: Sequence[str] | None = None, entry: str | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     try:
         words, remote_words = _split_remote(words) if entry is None else (words, None)
-    except UsageError as error:
-        print(f"disposabledisco: {error}", file=sys.stderr)
-        return EXIT_INVALID
+    except UsageError as error:  # before parsing: --json is only a word yet
+        return _fail(argparse.Namespace(json="--json" in words), f"disposabledisco: {error}",
+                     EXIT_INVALID)
     parser = build_parser(entry)
     try:
         args = parser.parse_args(words)
@@ -372,8 +374,14 @@ def _fail(args: argparse.Namespace, lines: str | list[str], code: int) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "init":
-        from .init import render_default_config
-        sys.stdout.write(render_default_config())
+        from .init import init_notes, render_default_config, render_schema
+        if args.schema:
+            sys.stdout.write(render_schema())
+            return EXIT_CONVERGED
+        fresh = default_config()
+        sys.stdout.write(render_default_config(fresh))
+        for note in init_notes(fresh):
+            print(note, file=sys.stderr)
         return EXIT_CONVERGED
     if args.command == "sandbox":
         return cmd_sandbox(args)

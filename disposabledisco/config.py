@@ -32,6 +32,8 @@ from jsonschema import Draft202012Validator, ValidationError
 
 __all__ = [
     "PLACEHOLDER_AMI",
+    "PLACEHOLDER_KEY_NAME",
+    "SCHEMA_REF",
     "Config",
     "ConfigError",
     "GroupSpec",
@@ -40,12 +42,20 @@ __all__ = [
     "load_schema",
     "parse_config",
     "reference_table",
-    "schema_uri",
 ]
 
 #: The AMI written by `init`: valid in form (it is the id AWS uses in its examples) but
 #: not a real image, so a fresh config is valid yet gets a warning until it is changed.
 PLACEHOLDER_AMI = "ami-0123456789abcdef0"
+
+#: The KEY_NAME written by `init`: a valid name no one gives a real key pair, warned about
+#: like the AMI (a plausible name like "disposabledisco" could be real and never flagged).
+PLACEHOLDER_KEY_NAME = "your-ec2-key-pair"
+
+#: The "$schema" `init` writes: relative, so the file means the same on every machine and
+#: editors (VS Code, JetBrains) resolve it next to the config once `init --schema` saved it
+#: there; an absolute path into one machine's site-packages breaks with every new venv.
+SCHEMA_REF = "./disposabledisco.schema.json"
 
 #: Keys whose values must never appear in a message, a warning or a repr.
 SECRET_KEYS = frozenset({"AWS_ACCESS", "AWS_SECRET"})
@@ -272,14 +282,6 @@ def _schema() -> dict[str, Any]:
 def load_schema() -> dict[str, Any]:
     """The JSON Schema shipped with the package (a copy the caller may change)."""
     return copy.deepcopy(_schema())
-
-
-def schema_uri() -> str:
-    """A file:// URI of the installed schema.json, for the "$schema" key editors read."""
-    res = importlib.resources.files("disposabledisco").joinpath("schema.json")
-    if isinstance(res, Path):
-        return res.resolve().as_uri()
-    return str(res)  # inside a zip: no file URI exists; editors will just not find it
 
 
 def _ecma_to_python(pattern: str) -> str:
@@ -769,6 +771,9 @@ def _warnings(values: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:
     if values["AMI"] == PLACEHOLDER_AMI:
         out.append(f"AMI is still the placeholder {PLACEHOLDER_AMI} written by init; set it to an "
                    "Ubuntu AMI of your region.")
+    if values["KEY_NAME"] == PLACEHOLDER_KEY_NAME:
+        out.append(f"KEY_NAME is still the placeholder {_show(PLACEHOLDER_KEY_NAME)} written by "
+                   "init; set it to the name of your EC2 key pair in REGION.")
     if values["SLAVE_GROUPS"] is not None and raw.get("SLAVE_INSTANCE_TYPE") is not None:
         out.append("SLAVE_INSTANCE_TYPE is ignored because SLAVE_GROUPS gives the slaves' types; "
                    "remove it.")
@@ -1199,14 +1204,14 @@ def _read_mgmt_key() -> str:
 
 def default_config() -> dict[str, Any]:
     """A complete, valid config with the defaults, for `init` to print as a starting point."""
-    cfg: dict[str, Any] = {"$schema": schema_uri()}
+    cfg: dict[str, Any] = {"$schema": SCHEMA_REF}
     for key, prop in _schema()["properties"].items():
         if key == "$schema" or key in _NOT_IN_DEFAULT:
             continue
         if key == "AMI":
             cfg[key] = PLACEHOLDER_AMI
         elif key == "KEY_NAME":
-            cfg[key] = "disposabledisco"
+            cfg[key] = PLACEHOLDER_KEY_NAME
         elif key == "TAG_KEY":
             cfg[key] = f"disco-{secrets.token_hex(4)}"  # the identity no other config shares
         elif key == "MGMT_KEY":
