@@ -273,6 +273,22 @@ def _args_sandbox(sandbox: argparse.ArgumentParser) -> None:
     sandbox.add_argument("--demo", action="store_true",
                          help="run the whole story (up --wait, status, doctor, an interruption "
                               "healed, down) against the sandbox, then stop")
+    sandbox.add_argument("--disco-source", type=_disco_bundle, default=None, metavar="PATH",
+                         help="a Disco source bundle: the config installs real Disco from it "
+                              "(DISCO_INSTALL source); with --demo: 1 master + 2 slaves, a "
+                              "word count through the printed client line, checked, while a "
+                              "slave is interrupted")
+
+
+def _disco_bundle(value: str) -> Any:
+    """--disco-source must name a file (a Path): refused before any EC2 call or node start."""
+    from pathlib import Path
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a file: give the path of a Disco source bundle "
+            "(disposabledisco bundle OUT makes one)")
+    return path
 
 
 ARGUMENTS: dict[str, Any] = {
@@ -638,7 +654,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
                              spot_price=args.spot_price, fulfil_delay=args.fulfil_delay,
                              interruption_rate=args.interruption_rate,
                              price_volatility=args.price_volatility, capacity=capacity,
-                             seed=args.seed, network=str(network))
+                             seed=args.seed, network=str(network),
+                             disco_source=args.disco_source)
     try:
         return demo(options) if args.demo else serve(options)
     except SandboxError as error:

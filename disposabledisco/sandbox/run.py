@@ -4,18 +4,24 @@ It starts the local EC2 endpoint (moto on 127.0.0.1) with the spot market model,
 real, isolated SSH node for every instance the market launches (at the instance's own
 loopback address), writes a ready config, and keeps running until interrupted. The
 config uses `DISCO_INSTALL: "none"`: everything but installing and starting Disco
-(trust, cookie, names, host table file) is done for real.
+(trust, cookie, names, host table file) is done for real. With a Disco source bundle
+(`--disco-source`) it is `DISCO_INSTALL: "source"` instead: the master builds real Disco
+from the bundle and the demo runs real jobs on the cluster.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import ipaddress
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +44,35 @@ SANDBOX_PACKAGES = ("python3", "python3-venv", "python-is-python3", "erlang-nox"
 WIRING_KEYS = ("AMI", "KEY_NAME", "SECURITY_GROUPS", "SUBNET_ID", "REGION", "ENDPOINT_URL",
                "AWS_ACCESS", "AWS_SECRET", "SSH_KEY_FILE", "MGMT_KEY")
 
+#: the disco demo's cluster: 1 master + 2 slaves
+DISCO_DEMO_SLAVES = 2
+_WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog")
+#: eight input files (eight map tasks, more than the master's slots: the slaves work too)
+DEMO_TEXTS = ["\n".join(" ".join(_WORDS[(i * 5 + j * 3 + k) % len(_WORDS)]
+                                  for j in range(i % 7 + 1))
+                        for i in range(60)) + "\n" for k in range(8)]
+#: the word count; a map task takes ~3 s, so a slave can be lost while the job runs
+DEMO_JOB_PY = '''\
+import json, sys
+from disco.core import Job, result_iterator
+from disco.worker.task_io import chain_reader
+
+def map(line, params):
+    import time  # Disco ships the function alone: the module's imports are not there
+    time.sleep(0.05)
+    for word in line.split():
+        yield word.decode() if isinstance(word, bytes) else word, 1
+
+def reduce(iter, params):
+    from disco.util import kvgroup
+    for word, counts in kvgroup(sorted(iter)):
+        yield word, sum(counts)
+
+if __name__ == "__main__":
+    job = Job().run(input=sys.argv[1:], map=map, reduce=reduce, map_reader=chain_reader)
+    print("RESULT " + json.dumps(dict(result_iterator(job.wait(show=False)))))
+'''
+
 
 class SandboxError(Exception):
     """The sandbox cannot run on this machine (not root, no sshd, …)."""
@@ -57,6 +92,8 @@ class SandboxOptions:
     capacity: dict[str, int] = field(default_factory=dict)
     seed: int = 0
     network: str = "127.42.0.0/16"  # instances get .4, .5, … of its first free /24
+    #: a Disco source bundle: the config installs real Disco from it (DISCO_INSTALL source)
+    disco_source: Path | None = None
 
 
 class Sandbox:
@@ -141,6 +178,9 @@ class Sandbox:
 def sandbox_config(endpoint: LocalEc2, network: dict[str, str], key_file: Path, public: str,
                    options: SandboxOptions) -> dict[str, Any]:
     """A complete config for the sandbox endpoint and its nodes."""
+    disco: dict[str, Any] = {"DISCO_INSTALL": "none"}
+    if options.disco_source is not None:
+        disco = {"DISCO_INSTALL": "source", "DISCO_SOURCE": str(options.disco_source.resolve())}
     return {
         "AMI": network["image_id"], "KEY_NAME": network["key_name"],
         "INSTANCE_TYPE": options.instance_type, "NUM_SLAVES": options.slaves,
@@ -150,7 +190,7 @@ def sandbox_config(endpoint: LocalEc2, network: dict[str, str], key_file: Path, 
         "AWS_ACCESS": DUMMY_KEY_ID, "AWS_SECRET": DUMMY_SECRET,
         "SSH_USER": "ubuntu", "SSH_KEY_FILE": str(key_file), "SSH_ADDRESS": "private_ip",
         "MGMT_KEY": public, "STATE_DIR": str(key_file.parent / "state"),
-        "BASE_PACKAGES": list(SANDBOX_PACKAGES), "DISCO_INSTALL": "none",
+        "BASE_PACKAGES": list(SANDBOX_PACKAGES), **disco,
         "SPOT_OPEN_TIMEOUT_MINUTES": 2, "UNRESPONSIVE_MINUTES": 3,
     }
 
@@ -239,6 +279,8 @@ def usage_text(sandbox: Sandbox) -> str:
         f"  python create_cluster.py {config} --wait      # converge a real cluster",
         f"  disposabledisco status {config}",
         f"  disposabledisco doctor {config}",
+        f"  disposabledisco ssh {config}                  # log in to the master",
+        f"  disposabledisco exec {config} --role master -- uptime   # a command on nodes",
         f"  edit NUM_SLAVES in {config} and run create_cluster.py again to scale",
         f"  disposabledisco down {config} --yes",
         "",
@@ -251,37 +293,145 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def _cli(argv: list[str], title: str, say: Callable[[str], None]) -> tuple[int, str]:
+    """One step: the real CLI in a child process, exactly as a user would type it; its
+    output is shown as it comes and returned (the disco demo reads the client line)."""
+    say(f"\n$ disposabledisco {' '.join(argv)}    # {title}")
+    lines: list[str] = []
+    with subprocess.Popen([sys.executable, "-m", "disposabledisco.cli", *argv],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+        assert child.stdout is not None
+        for line in child.stdout:
+            say(line.rstrip("\n"))
+            lines.append(line)
+    return child.returncode, "".join(lines)
+
+
 def demo(options: SandboxOptions, say: Callable[[str], None] = _say) -> int:
     """The whole story in one command: converge, inspect, lose a slave, heal, tear down.
 
-    Every step is the real CLI in a child process, exactly as a user would type it.
+    Every step is the real CLI in a child process, exactly as a user would type it. With
+    a Disco source bundle, real Disco is built and a word count runs while a slave is lost.
     """
+    if options.disco_source is not None:
+        options = dataclasses.replace(options, slaves=DISCO_DEMO_SLAVES)
     with Sandbox(options) as sandbox:
         for line in banner(sandbox):
             say(line)
         config = str(sandbox.config_path)
-        steps: list[tuple[str, list[str], Callable[[], None] | None]] = [
-            ("converge the cluster", ["up", config, "--wait", "--timeout", "600"], None),
-            ("what exists", ["status", config], None),
-            ("check it end to end", ["doctor", config], None),
-            ("a spot slave is interrupted; heal", ["up", config, "--wait", "--timeout", "600"],
-             lambda: _interrupt_one_slave(sandbox, say)),
-            ("tear it down", ["down", config, "--yes"], None),
-        ]
+        up = ["up", config, "--wait", "--timeout", "600"]
+        if options.disco_source is not None:
+            code, out = _cli([*up[:-1], "1800"], "build Disco on the master from the bundle, "
+                             f"converge 1 master + {DISCO_DEMO_SLAVES} slaves", say)
+            if code == 0:
+                code = _disco_story(sandbox, out, say)
+            steps: list[tuple[str, list[str], Callable[[], None] | None]] = []
+        else:
+            code, steps = 0, [
+                ("converge the cluster", up, None),
+                ("what exists", ["status", config], None),
+                ("check it end to end", ["doctor", config], None),
+                ("a spot slave is interrupted; heal", up,
+                 lambda: _interrupt_one_slave(sandbox, say)),
+            ]
+        steps.append(("tear it down", ["down", config, "--yes"], None))
         for title, argv, before in steps:
+            if code != 0:
+                break
             if before is not None:
                 before()
-            say(f"\n$ disposabledisco {' '.join(argv)}    # {title}")
-            code = subprocess.run([sys.executable, "-m", "disposabledisco.cli", *argv],
-                                  check=False).returncode
-            if code != 0:
-                say(f"step failed with exit code {code}; logs are in {sandbox.directory}")
-                return code
+            code = _cli(argv, title, say)[0]
+        if code != 0:
+            say(f"step failed with exit code {code}; logs are in {sandbox.directory}")
+            return code
         say("\nsandbox demo finished: the cluster converged, healed and was taken down")
     return 0
 
 
-def _interrupt_one_slave(sandbox: Sandbox, say: Callable[[str], None]) -> None:
+def disco_client(up_output: str) -> list[str]:
+    """The `run Disco:` command `up` printed, up to and including its `--` (the example
+    command after it is replaced by ours); ValueError when `up` printed none."""
+    lines = [line for line in up_output.splitlines() if line.strip().startswith("run Disco:")]
+    if not lines:
+        raise ValueError("up printed no 'run Disco:' line")
+    argv = shlex.split(lines[-1].split("run Disco:", 1)[1])
+    if argv[:1] != ["disposabledisco"] or "--" not in argv:
+        raise ValueError(f"unexpected client line: {lines[-1].strip()}")
+    return argv[:argv.index("--") + 1]
+
+
+def _disco_story(sandbox: Sandbox, up_output: str, say: Callable[[str], None]) -> int:
+    """Word count through the printed client while a slave is interrupted, then heal."""
+    config = str(sandbox.config_path)
+    try:
+        client = disco_client(up_output)
+    except ValueError as error:
+        say(f"cannot follow up's client instructions: {error}")
+        return 1
+
+    def on_master(script: str) -> subprocess.Popen[str]:
+        argv = [*client[1:-1], "--json", "--", "bash", "-c", script]
+        return subprocess.Popen([sys.executable, "-m", "disposabledisco.cli", *argv],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    files = "".join(f"cat > in{k}.txt <<'EOF'\n{text}EOF\n" for k, text in enumerate(DEMO_TEXTS))
+    script = (f"set -euo pipefail\ncd \"$(mktemp -d)\"\n{files}"
+              f"cat > job.py <<'EOF'\n{DEMO_JOB_PY}EOF\n"
+              f"ddfs chunk data:demo {' '.join(f'./in{k}.txt' for k in range(len(DEMO_TEXTS)))}"
+              " >/dev/null\npython3 -W ignore job.py tag://data:demo\n")
+    say(f"\n$ {shlex.join(client)} bash -c '<push {len(DEMO_TEXTS)} files with ddfs chunk, "
+        "run a word count>'    # a real Disco job, through the client line up printed")
+    started = time.monotonic()
+    job = on_master(script)
+    victim = ""
+    while job.poll() is None and not victim:  # wait for Disco to list the job, then strike
+        jobs = on_master("disco jobs")
+        listed = jobs.communicate(timeout=120)[0]
+        if job.poll() is None and _master_stdout(listed).strip():
+            victim = _interrupt_one_slave(sandbox, say, while_="while the word count runs")
+        time.sleep(1)
+    out, err = job.communicate(timeout=900)
+    seconds = time.monotonic() - started
+    try:
+        (node,) = json.loads(out)["nodes"]
+        stdout, exit_code = node["stdout"], node["exit_code"]
+    except (ValueError, KeyError, TypeError):
+        say(f"the client gave no answer: {(out + err).strip()[-2000:]}")
+        return 1
+    results = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if exit_code != 0 or len(results) != 1:
+        say(f"the word count failed (exit {exit_code}):\n{stdout}{node['stderr']}")
+        return 1
+    counts = json.loads(results[0].removeprefix("RESULT "))
+    expected = dict(collections.Counter(" ".join(DEMO_TEXTS).split()))
+    say("word count: " + ", ".join(f"{word} {counts[word]}" for word in sorted(counts)))
+    if counts != expected:
+        say("WRONG: a local count of the same input gives "
+            + ", ".join(f"{word} {expected[word]}" for word in sorted(expected)))
+        return 1
+    say(f"counts checked: equal to a local count of the input ({sum(expected.values())} words, "
+        f"{seconds:.0f} s)")
+    if victim:
+        say(f"the job completed although slave {victim} was interrupted while it ran")
+    else:
+        say("(the job finished before a slave could be interrupted: nothing was lost)")
+    code = _cli(["up", config, "--wait", "--timeout", "600"],
+                "heal: a new slave replaces the interrupted one", say)[0]
+    if code == 0:
+        code = _cli(["status", config], "what exists now", say)[0]
+    return code
+
+
+def _master_stdout(answer: str) -> str:
+    """The master's stdout from an `exec --json` answer ('' when unreadable)."""
+    try:
+        return str(json.loads(answer)["nodes"][0]["stdout"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ""
+
+
+def _interrupt_one_slave(sandbox: Sandbox, say: Callable[[str], None], while_: str = "") -> str:
+    """Let the spot market interrupt the first running slave; its instance id ('' if none)."""
     client = sandbox.endpoint.client()
     reservations = client.describe_instances(Filters=[
         {"Name": "tag:sandbox", "Values": ["slave"]},
@@ -290,8 +440,11 @@ def _interrupt_one_slave(sandbox: Sandbox, say: Callable[[str], None]) -> None:
                      for r in reservations for i in r["Instances"])
     if victims:
         victim, address = victims[0]
-        say(f"\n(the spot market interrupts slave {victim} at {address})")
+        say(f"\n(the spot market interrupts slave {victim} at {address}"
+            f"{' ' + while_ if while_ else ''})")
         sandbox.market.interrupt(victim)
+        return victim
+    return ""
 
 
 def serve(options: SandboxOptions, say: Callable[[str], None] = _say,
