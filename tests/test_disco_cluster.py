@@ -24,6 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from tests.test_e2e_cluster import (  # noqa: F401 - gateways is a fixture used 
     gateways,
     live,
     observe_cluster,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.disco, pytest.mark.nodes]
@@ -128,50 +130,77 @@ def test_up_converges_a_cluster_that_runs_disco(converged: Converged) -> None:
     assert all(node.state == "ready" for node in live(cluster))
 
 
+def wait_connected(done: Converged, hosts: set[str], seconds: float = 60) -> None:
+    """Until Disco's nodeinfo lists exactly `hosts`, all connected and none blacklisted."""
+    deadline = time.monotonic() + seconds
+    while True:
+        info = on_master(done, "disco nodeinfo")
+        assert info.returncode == 0, info.stdout + info.stderr
+        # one `host<TAB>{python dict}` line per host of the table
+        view = {host: ast.literal_eval(state) for host, state in
+                (line.split("\t", 1) for line in info.stdout.splitlines() if "\t" in line)}
+        if set(view) == hosts and all(state["connected"] and not state["blacklisted"]
+                                      for state in view.values()):
+            return
+        assert time.monotonic() < deadline, f"not exactly {hosts} connected:\n{info.stdout}"
+        time.sleep(1)
+
+
+@dataclass
+class JobRun:
+    """A word count's outcome: its counts, the hosts that finished map tasks, its time."""
+
+    counts: dict[str, int]
+    ran_on: set[str]
+    seconds: float
+    line: str
+
+
+def word_count(done: Converged, tag: str, texts: list[str], *, slow: float = 0,
+               name: str = "wordcount") -> JobRun:
+    """`ddfs chunk` the texts into tag `data:TAG`, then the word count as job `name` (each
+    map call sleeping `slow` seconds, so a job can be caught while it runs) and its events,
+    all on the master as the Disco user."""
+    job_py = JOB_PY.replace("Job()", f"Job(name={name!r})")
+    if slow:
+        job_py = job_py.replace("def map(line, params):\n", "def map(line, params):\n"
+                                f"    import time\n    time.sleep({slow})\n")
+    files = "".join(f"cat > in{k}.txt <<'EOF'\n{text}EOF\n" for k, text in enumerate(texts))
+    script = (f"set -euo pipefail\ncd \"$(mktemp -d)\"\n{files}"
+              f"cat > job.py <<'EOF'\n{job_py}EOF\n"
+              f"ddfs chunk data:{tag} {' '.join(f'./in{k}.txt' for k in range(len(texts)))}"
+              " >/dev/null\n"
+              "python3 -W ignore job.py tag://data:" + tag + "\n"
+              f"disco events \"$(disco jobs | grep -m 1 '^{name}@')\"\n")
+    started = time.monotonic()
+    job = on_master(done, script, timeout=300)
+    seconds = time.monotonic() - started
+    assert job.returncode == 0, job.stdout + job.stderr
+    results = [line for line in job.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 1, job.stdout + job.stderr
+    # Disco's job events, one JSON array [time, source, message] a line: the hosts that
+    # finished map tasks
+    events = [json.loads(line) for line in job.stdout.splitlines() if line.startswith("[")]
+    ran_on = {source for _, source, message in events if message.startswith("DONE: [map:")}
+    line = next(line for line in job.stdout.splitlines() if line.startswith("JOB_"))
+    return JobRun(json.loads(results[0].removeprefix("RESULT ")), ran_on, seconds, line)
+
+
+def expected_counts(texts: list[str]) -> dict[str, int]:
+    return dict(collections.Counter(" ".join(texts).split()))
+
+
 def test_word_count_over_ddfs_runs_on_the_slaves(converged: Converged) -> None:
     assert converged.code == 0, converged.out + converged.err
     cluster = observe_cluster(converged.cfg)
     hosts = {short_name(node) for node in live(cluster)}
     slaves = {short_name(node) for node in live(cluster, "slave")}
-
-    # Disco's own view: every host of the table connected, none blacklisted
-    deadline = time.monotonic() + 60
-    while True:
-        info = on_master(converged, "disco nodeinfo")
-        assert info.returncode == 0, info.stdout + info.stderr
-        # one `host<TAB>{python dict}` line per host of the table
-        view = {host: ast.literal_eval(state) for host, state in
-                (line.split("\t", 1) for line in info.stdout.splitlines() if "\t" in line)}
-        assert set(view) == hosts, info.stdout
-        if all(state["connected"] and not state["blacklisted"] for state in view.values()):
-            break
-        assert time.monotonic() < deadline, f"not all of {hosts} connected:\n{info.stdout}"
-        time.sleep(1)
-
-    # input into DDFS with `ddfs chunk`, then the word count (the client on the master)
-    files = "".join(f"cat > in{k}.txt <<'EOF'\n{text}EOF\n" for k, text in enumerate(TEXTS))
-    script = (f"set -euo pipefail\ncd \"$(mktemp -d)\"\n{files}"
-              f"cat > job.py <<'EOF'\n{JOB_PY}EOF\n"
-              f"ddfs chunk data:words {' '.join(f'./in{k}.txt' for k in range(len(TEXTS)))}"
-              " >/dev/null\n"
-              "python3 -W ignore job.py tag://data:words\n"
-              "disco events \"$(disco jobs | head -n 1)\"\n")
-    started = time.monotonic()
-    job = on_master(converged, script, timeout=300)
-    seconds = time.monotonic() - started
-    assert job.returncode == 0, job.stdout + job.stderr
-    results = [line for line in job.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(results) == 1, job.stdout + job.stderr
-    counts = json.loads(results[0].removeprefix("RESULT "))
-    assert counts == dict(collections.Counter(" ".join(TEXTS).split()))
-    # Disco's job events, one JSON array [time, source, message] a line: the hosts that
-    # finished map tasks
-    events = [json.loads(line) for line in job.stdout.splitlines() if line.startswith("[")]
-    ran_on = {source for _, source, message in events if message.startswith("DONE: [map:")}
-    assert ran_on <= hosts and slaves <= ran_on, job.stdout
-    job_line = next(line for line in job.stdout.splitlines() if line.startswith("JOB_"))
-    print(f"\npush + word count through `disposabledisco exec`: {seconds:.1f} s; {job_line}; "
-          f"map tasks on {sorted(ran_on)}")
+    wait_connected(converged, hosts)
+    job = word_count(converged, "words", TEXTS)
+    assert job.counts == expected_counts(TEXTS)
+    assert job.ran_on <= hosts and slaves <= job.ran_on, job.ran_on
+    print(f"\npush + word count through `disposabledisco exec`: {job.seconds:.1f} s; "
+          f"{job.line}; map tasks on {sorted(job.ran_on)}")
 
 
 def test_second_pass_touches_neither_nodes_nor_disco(
@@ -191,3 +220,49 @@ def test_second_pass_touches_neither_nodes_nor_disco(
     assert "beam" in before[0], before
     assert_quiet_pass(e2e, converged.cfg, gateways)
     assert disco_state() == before
+
+
+def wait_for_job_on(done: Converged, name: str, host: str, seconds: float = 60) -> None:
+    """Until the master has assigned a task of the running job `name` to `host`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        seen = on_master(done, f"j=$(disco jobs | grep -m 1 '^{name}@') && disco events \"$j\"")
+        if any(json.loads(line)[2].endswith(f" assigned to {host}")
+               for line in seen.stdout.splitlines() if line.startswith("[")):
+            return
+        assert time.monotonic() < deadline, f"job {name} never reached {host}:\n{seen.stdout}"
+        time.sleep(0.5)
+
+
+def test_a_slave_interrupted_mid_job(e2e: E2eEnv, converged: Converged) -> None:
+    """The spot market takes a slave while a word count runs there: the job still gives
+    exact counts (Disco re-runs the lost tasks elsewhere), `up --wait` brings a replacement
+    that Disco connects, and the next job runs map tasks on it."""
+    assert converged.code == 0, converged.out + converged.err
+    started = time.monotonic()
+    cluster = observe_cluster(converged.cfg)
+    victim = live(cluster, "slave")[0]
+    texts = [text + f"lost{k}\n" for k, text in enumerate(TEXTS)]
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(word_count, converged, "interrupted", texts, slow=0.05,
+                              name="interrupted")
+        wait_for_job_on(converged, "interrupted", short_name(victim))
+        e2e.market.interrupt(victim.instance_id)
+        wait_until("the interrupted slave's node to stop",
+                   lambda: victim.instance_id not in e2e.farm.nodes)
+        job = running.result()
+    assert job.counts == expected_counts(texts)
+    print(f"\nword count with a slave interrupted mid-job: {job.seconds:.1f} s; {job.line}; "
+          f"map tasks done on {sorted(job.ran_on)}")
+
+    code, out, err = cli("up", str(converged.cfg.path), "--wait", "--timeout", str(UP_TIMEOUT))
+    assert code == 0, out + err
+    after = observe_cluster(converged.cfg)
+    (replacement,) = [n for n in live(after, "slave")
+                      if n.instance_id not in {s.instance_id for s in live(cluster, "slave")}]
+    assert victim.instance_id not in {n.instance_id for n in live(after)}
+    wait_connected(converged, {short_name(node) for node in live(after)})
+    again = word_count(converged, "afterloss", TEXTS, name="afterloss")
+    assert again.counts == expected_counts(TEXTS)
+    assert short_name(replacement) in again.ran_on, again.ran_on
+    print(f"interrupted slave: job, replacement, job on it: {time.monotonic() - started:.1f} s")
