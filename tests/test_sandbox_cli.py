@@ -290,3 +290,55 @@ def test_a_stale_sandbox_config_says_the_sandbox_is_not_running(tmp_path: Path):
     assert result.returncode != 0
     assert "the sandbox is not running; start it with `python -m disposabledisco sandbox " \
            f"--dir {tmp_path}`" in result.stderr
+
+
+def test_a_disco_source_that_is_not_a_file_is_refused_before_anything_starts(tmp_path: Path):
+    done = cli("sandbox", "--demo", "--dir", str(tmp_path / "sb"),
+               "--disco-source", str(tmp_path))
+    assert done.returncode == 2
+    assert f"--disco-source: '{tmp_path}' is not a file" in done.stderr
+    assert not (tmp_path / "sb").exists()  # no key, config or node was made
+
+
+def vendor_bundle() -> Path:
+    """The Disco source bundle of ../shared/vendor; skip when it or root is missing."""
+    if os.geteuid() != 0:
+        pytest.skip("the Disco demo builds and runs Disco on real SSH nodes: needs root")
+    found = sorted((Path(__file__).resolve().parents[2] / "shared" / "vendor")
+                   .glob("disco-*-src.tar.gz"))
+    if not found:
+        pytest.skip("no Disco source bundle in ../shared/vendor")
+    return found[0]
+
+
+@pytest.mark.nodes
+@pytest.mark.disco
+@needs_nodes
+def test_the_disco_demo_counts_words_right_while_a_slave_is_lost(tmp_path: Path):
+    """The whole real-Disco story in one command (about 80 s here): built from the bundle,
+    converged, a word count checked against a local count, a slave interrupted while the
+    job ran, healed, down."""
+    bundle = vendor_bundle()
+    done = cli("sandbox", "--demo", "--dir", str(tmp_path), "--network", unused_network(),
+               "--disco-source", str(bundle), timeout=900)
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert json.loads((tmp_path / "sandbox.json").read_text())["DISCO_INSTALL"] == "source"
+    # the job went through the printed client line, verbatim up to its `--`
+    client = f"disposabledisco exec {tmp_path / 'sandbox.json'} --role master --as disco --"
+    assert f"run Disco: {client} disco jobs" in out
+    assert f"\n$ {client} bash -c '<push 8 files" in out
+    counts = ", ".join(f"{word} 234" for word in
+                       sorted(("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog")))
+    assert f"word count: {counts}\n" in out
+    assert "counts checked: equal to a local count of the input (1872 words" in out
+    interrupted = [line for line in out.splitlines()
+                   if line.startswith("(the spot market interrupts slave i-")]
+    assert len(interrupted) == 1 and interrupted[0].endswith("while the word count runs)"), out
+    victim = interrupted[0].split()[5]
+    assert f"the job completed although slave {victim} was interrupted while it ran" in out
+    heal = out.index("# heal: a new slave replaces")
+    assert "[ok] join i-" in out[heal:] and "converged after" in out[heal:]
+    # taken down last (the demo says finished only when `down` exited 0)
+    down = out.index(f"\n$ disposabledisco down {tmp_path / 'sandbox.json'} --yes")
+    assert heal < down < out.index("\nsandbox demo finished")
