@@ -42,6 +42,7 @@ __all__ = [
     "load_schema",
     "parse_config",
     "reference_table",
+    "usd",
 ]
 
 #: The AMI written by `init`: valid in form (it is the id AWS uses in its examples) but
@@ -566,6 +567,11 @@ def _error_problems(error: ValidationError) -> list[_Problem]:
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def usd(value: float) -> str:
+    """A price as people write it in the config: 0.10, 0.035, 1.50 (never 0.1)."""
+    return f"{value:.2f}" if round(value, 2) == value else f"{value:.6g}"
 
 
 def _is_price(value: Any) -> bool:

@@ -19,8 +19,9 @@ from .cluster import (
     Cluster,
     Node,
 )
-from .config import Config, GroupSpec
+from .config import Config, GroupSpec, usd
 from .disco import membership_digest
+from .remote import plural
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class TagInstances(Action):
 
     def describe(self) -> str:
         ids = ", ".join(self.instance_ids)
-        return f"tag {len(self.instance_ids)} {self.role} instance(s) {ids}"
+        return f"tag {plural(len(self.instance_ids), f'{self.role} instance')} {ids}"
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class CancelRequests(Action):
     request_ids: tuple[str, ...]
 
     def describe(self) -> str:
-        return f"cancel spot request(s) {', '.join(self.request_ids)}"
+        noun = "spot request" if len(self.request_ids) == 1 else "spot requests"
+        return f"cancel {noun} {', '.join(self.request_ids)}"
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ class Launch(Action):
     key: str  # see launch_key; the ClientToken is looked up from it when applied
 
     def describe(self) -> str:
-        what = f"bid {self.bid:g} USD/h for" if self.market == "spot" else "launch on-demand"
+        what = f"bid {usd(self.bid or 0.0)} USD/h for" if self.market == "spot" \
+            else "launch on-demand"
         return f"{what} {self.count} × {self.instance_type} ({self.role})"
 
 
@@ -115,7 +118,7 @@ class ApplyMembership(NodeAction):
     member_ids: tuple[str, ...]
 
     def describe(self) -> str:
-        return f"update host table on {self.master_id}: {len(self.member_ids)} host(s)"
+        return f"update host table on {self.master_id}: {plural(len(self.member_ids), 'host')}"
 
 
 @dataclass(frozen=True)
@@ -252,9 +255,10 @@ def _keep_to_budget(draft: _Draft) -> None:
             launch.count, int((budget - spent + 1e-9) // price))
         if affordable < launch.count:
             draft.problems.append(
-                f"MAX_HOURLY_COST {budget:g} USD/h allows {max(affordable, 0)} of the "
-                f"{launch.count} {launch.group} {launch.role}(s) wanted (live nodes cost "
-                f"{spent:g} USD/h, {price:g} each): raise MAX_HOURLY_COST or lower the count")
+                f"MAX_HOURLY_COST {usd(budget)} USD/h allows {max(affordable, 0)} of the "
+                f"{plural(launch.count, f'{launch.group} {launch.role}')} wanted (live nodes "
+                f"cost {usd(spent)} USD/h, {usd(price)} each): raise MAX_HOURLY_COST or lower "
+                "the count")
         if affordable > 0:
             kept.append(replace(launch, count=affordable, key=launch_key(
                 draft.config.tag_key, _group_of(draft.config, launch), affordable,
@@ -356,7 +360,7 @@ def _size_group(draft: _Draft, group: GroupSpec) -> None:
         if count <= 0:
             continue
         why = ("no master" if group.role == "master"
-               else f"{len(live)} of {group.count} {group.name} slave(s) live")
+               else f"{len(live)} of {plural(group.count, f'{group.name} slave')} live")
         if market == "on-demand" and group.market == "spot":
             why += f"; spot bids open over {config['SPOT_OPEN_TIMEOUT_MINUTES']} min, " \
                    "falling back to on-demand"

@@ -47,6 +47,7 @@ from .plan import (
     plan,
     plan_down,
 )
+from .remote import plural
 from .ssh import SshError, fault_of
 from .tokens import TokenBook
 
@@ -359,7 +360,7 @@ class _Applier:
         self.by_id[action.master_id] = _with_tag(master, TAG_HOSTS, digest)
         # what the master said besides (provision.AppliedTable.note: a restart of Disco)
         note = getattr(getattr(outcome, "value", None), "note", "")
-        return ActionResult(action, True, f"{1 + len(slaves)} host(s)"
+        return ActionResult(action, True, plural(1 + len(slaves), "host")
                             + (f"; {note}" if note else ""))
 
 

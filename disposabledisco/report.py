@@ -14,7 +14,7 @@ from typing import Any
 
 from . import remote
 from .cluster import Cluster, Foreign, Node, ssh_address
-from .config import Config
+from .config import Config, usd
 from .hostkeys import HostKeyStore
 from .plan import Action
 from .reconcile import EXIT_CONVERGED, EXIT_FAILED, EXIT_PROGRESSING, PassReport
@@ -123,8 +123,9 @@ def foreign_warning(config: Config, cluster: Cluster) -> str | None:
         return None
     shown = "; ".join(f"{f.kind} {f.resource_id} ({f.reason})" for f in found[:FOREIGN_SHOWN])
     more = f"; … {len(found) - FOREIGN_SHOWN} more" if len(found) > FOREIGN_SHOWN else ""
-    return (f"warning: {len(found)} resource(s) under TAG_KEY {config.tag_key!r} are not "
-            f"this cluster's and are left alone: {shown}{more}")
+    are = "is" if len(found) == 1 else "are"
+    return (f"warning: {remote.plural(len(found), 'resource')} under TAG_KEY "
+            f"{config.tag_key!r} {are} not this cluster's and {are} left alone: {shown}{more}")
 
 
 def node_json(node: Node, prices: Prices | None = None) -> dict[str, Any]:
@@ -144,11 +145,6 @@ def node_json(node: Node, prices: Prices | None = None) -> dict[str, Any]:
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
-
-
-def usd(value: float) -> str:
-    """A price as people write it: 0.10, 0.035, 1.50 (never 0.1)."""
-    return f"{value:.2f}" if round(value, 2) == value else f"{value:.6g}"
 
 
 def billed(node: Node) -> bool:

@@ -50,7 +50,7 @@ def test_new_settings_on_the_master_run_the_membership_step_and_report_the_resta
     assert [type(a) for a in report.plan.actions] == [Bootstrap, ApplyMembership]
     membership = result_of(report, ApplyMembership)
     assert (membership.ok, membership.skipped) == (True, False)
-    assert membership.detail == ("2 host(s); restarted Disco on ip-10-0-0-1: its settings "
+    assert membership.detail == ("2 hosts; restarted Disco on ip-10-0-0-1: its settings "
                                  "changed")
     assert worker.kinds() == ["bootstrap", "membership"]
 

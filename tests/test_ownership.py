@@ -22,12 +22,12 @@ import pytest
 
 from bench.ec2_calls import mark_converged
 from disposabledisco.cli import main
-from disposabledisco.cluster import ROLES, TAG_GROUP, Desired, build_cluster
+from disposabledisco.cluster import ROLES, TAG_GROUP, Cluster, Desired, Foreign, build_cluster
 from disposabledisco.config import load_config
 from disposabledisco.ec2 import Ec2Gateway, NotOurs
 from disposabledisco.plan import plan, plan_down
 from disposabledisco.reconcile import PassReport
-from disposabledisco.report import pass_json, status_table
+from disposabledisco.report import foreign_warning, pass_json, status_table
 from tests import test_cli_ec2
 from tests.test_cli_ec2 import MUTATING, REPO, converge_ec2, live
 from tests.test_plan import config as plan_config
@@ -35,7 +35,7 @@ from tests.test_plan import config as plan_config
 calls = test_cli_ec2.calls  # the fixtures of the EC2 CLI tests, shared
 write_config = test_cli_ec2.write_config
 TAG = "ddtest"  # write_config's TAG_KEY
-WARNING = "are not this cluster's and are left alone"
+WARNING = "not this cluster's and"  # "is not ... is left alone" or "are not ... are"
 
 
 class Strangers:
@@ -205,7 +205,7 @@ def test_an_instance_of_our_request_retagged_by_someone_else_is_theirs(
 
     code, out, err = run_cli(capsys, "up", str(path), "--ec2-only")
     assert code == 10 and len(warnings(err)) == 1
-    assert f"cancel spot request(s) {request}" in out and taken not in out
+    assert f"cancel spot request {request}" in out and taken not in out
     assert request not in ours_live(ec2_env)[1]  # cancelled (moto then forgets it)
     converge_ec2(path)
     roles, _ = live(ec2_env)
@@ -251,7 +251,17 @@ def test_a_real_process_prints_one_warning_line_and_no_traceback(ec2_env, write_
     assert run.returncode == 10, run.stderr
     assert "Traceback" not in run.stderr
     [line] = warnings(run.stderr)
-    assert line.startswith("warning: 5 resource(s) under TAG_KEY 'ddtest'")
+    assert line.startswith("warning: 5 resources under TAG_KEY 'ddtest' are not this "
+                           "cluster's and are left alone: ")
+
+
+def test_foreign_warning_agrees_with_one_resource():
+    one = Foreign("i-taken", "instance", "webserver", "dd='webserver' is not master or slave")
+    cfg = plan_config(TAG_KEY="dd")
+    assert foreign_warning(cfg, Cluster((), foreign=(one,))) == (
+        "warning: 1 resource under TAG_KEY 'dd' is not this cluster's and is left alone: "
+        "instance i-taken (dd='webserver' is not master or slave)")
+    assert foreign_warning(cfg, Cluster(())) is None
 
 
 @pytest.mark.parametrize(("region", "aws_region", "expected"), [
@@ -451,7 +461,7 @@ def test_a_request_of_ours_whose_instance_says_otherwise_keeps_only_the_request(
         "sir-good", None, "gone", "its instance i-taken is not ours")
     assert [(f.resource_id, f.value) for f in cluster.foreign] == [("i-taken", "webserver")]
     down = plan_down(cluster)
-    assert [a.describe() for a in down.actions] == ["cancel spot request(s) sir-good"]
+    assert [a.describe() for a in down.actions] == ["cancel spot request sir-good"]
 
 
 KEYS = {

@@ -440,7 +440,8 @@ def test_budget_counts_launches_already_kept_in_the_same_pass():
     p = plan(cfg, Cluster(()), NOW)
     assert launches(p) == [("master", "master", 1, "spot"), ("slave", "m5.large", 2, "spot")]
     assert "allows 2 of the 3" in p.problems[0]
-    assert "live nodes cost 0.1 USD/h" in p.problems[0]
+    assert "live nodes cost 0.10 USD/h, 0.10 each" in p.problems[0]  # as MAX_BID is written
+    assert "allows 2 of the 3 m5.large slaves wanted" in p.problems[0]
 
 
 def test_budget_across_two_slave_groups_charges_the_first_to_the_second():
@@ -524,7 +525,7 @@ def test_each_action_says_why_in_the_report():
         ("ApplyMembership", "remove leaving slaves from Disco before terminating them"),
         ("CancelRequests", "cancel before terminating or re-bidding"),
         ("Terminate", "not wanted, lost or unresponsive"),
-        ("Launch", "1 of 2 m5.large slave(s) live"),
+        ("Launch", "1 of 2 m5.large slaves live"),
         ("Bootstrap", "running but not bootstrapped with the current config"),
         ("Join", "slave not yet joined to this master"),
         ("ApplyMembership", "membership changed or not applied yet")]
@@ -538,7 +539,7 @@ def test_the_fallback_reason_names_the_timeout():
     cfg = config(NUM_SLAVES=1, SPOT_FALLBACK="on-demand", SPOT_OPEN_TIMEOUT_MINUTES=7)
     stale = node(state="gone", request_state="open", instance=False, minutes_old=30)
     assert only(plan(cfg, converged(cfg, [stale]), NOW), Launch).reason == (
-        "0 of 1 m5.large slave(s) live; spot bids open over 7 min, falling back to on-demand")
+        "0 of 1 m5.large slave live; spot bids open over 7 min, falling back to on-demand")
 
 
 def test_down_says_why():
@@ -549,18 +550,23 @@ def test_down_says_why():
 
 def test_action_descriptions():
     assert TagInstances("", ("i-1", "i-2"), "slave", "g").describe() == \
-        "tag 2 slave instance(s) i-1, i-2"
+        "tag 2 slave instances i-1, i-2"
+    assert TagInstances("", ("i-1",), "master", "g").describe() == "tag 1 master instance i-1"
     assert CancelRequests("", ("sir-1", "sir-2")).describe() == \
-        "cancel spot request(s) sir-1, sir-2"
+        "cancel spot requests sir-1, sir-2"
+    assert CancelRequests("", ("sir-1",)).describe() == "cancel spot request sir-1"
     assert Terminate("", ("i-1", "i-2")).describe() == "terminate i-1, i-2"
     assert Launch("", "slave", "g", "c5.large", 3, "spot", 0.125, "k").describe() == \
         "bid 0.125 USD/h for 3 × c5.large (slave)"
+    assert Launch("", "slave", "g", "c5.large", 3, "spot", 0.1, "k").describe() == \
+        "bid 0.10 USD/h for 3 × c5.large (slave)"  # as the config writes "0.10", not 0.1
     assert Launch("", "master", "master", "m5.large", 1, "on-demand", None, "k").describe() == \
         "launch on-demand 1 × m5.large (master)"
     assert Bootstrap("", ("i-1", "i-2")).describe() == "bootstrap i-1, i-2"
     assert Join("", "i-m", ("i-1", "i-2")).describe() == "join i-1, i-2 to master i-m"
     assert ApplyMembership("", "i-m", ("i-m", "i-1")).describe() == \
-        "update host table on i-m: 2 host(s)"
+        "update host table on i-m: 2 hosts"
+    assert ApplyMembership("", "i-m", ("i-m",)).describe() == "update host table on i-m: 1 host"
 
 
 # -- rules the tables above leave open ------------------------------------------------------

@@ -462,7 +462,7 @@ def test_membership_written_with_host_count_and_digest_tag(tmp_path):
     run(cfg, ec2, worker)
     report = run(cfg, ec2, worker)
     membership = result_of(report, ApplyMembership)
-    assert (membership.ok, membership.skipped, membership.detail) == (True, False, "3 host(s)")
+    assert (membership.ok, membership.skipped, membership.detail) == (True, False, "3 hosts")
     master = next(n for n in report.cluster.nodes if n.role == "master").instance_id
     assert TAG_HOSTS in ec2.tags_of(master)
     assert len(worker.calls[-1][1]) == 3
