@@ -700,6 +700,11 @@ def _semantic_problems(data: Mapping[str, Any]) -> list[_Problem]:
 
     out += _disco_account_problems(data)
 
+    if data.get("IDLE_MINUTES") is not None and data.get("DISCO_INSTALL") == "none":
+        out.append((("IDLE_MINUTES",), "IDLE_MINUTES is set but DISCO_INSTALL is \"none\", so "
+                                       "there is no Disco on the master to ask whether jobs "
+                                       "run; set IDLE_MINUTES to null or install Disco."))
+
     settings = data.get("DISCO_SETTINGS")
     if isinstance(settings, dict):
         for key in settings:

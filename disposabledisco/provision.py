@@ -226,6 +226,17 @@ class Provisioner:
         return "; ".join(line for line in result.stdout.splitlines()
                          if line.startswith("restarted Disco"))
 
+    # -- idle ----------------------------------------------------------------------
+
+    def idle_probe(self, master: Node) -> str:
+        """idle_probe.py's answer from the master (one SSH command); SshError or ValueError
+        when the master cannot be reached."""
+        url = f"http://{master.private_ip}:{self.config['DISCO_PORT']}/disco/ctrl/joblist"
+        script = bootstrap.snippet(self.config, "idle_probe", JOBLIST_URL=url,
+                                   PROBE_PY=bootstrap.template("idle_probe.py"))
+        with self.ssh.connect(self._target(master)) as session:
+            return session.script(script, sudo=True, timeout=60).stdout
+
     def _target(self, node: Node) -> Target:
         return node_target(self.config, node)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
-from . import bootstrap
+from . import bootstrap, idle
 from .cluster import (
     TAG_BOOTSTRAP,
     TAG_FAILURES,
@@ -75,6 +75,8 @@ class NodeWorker(Protocol):
 
     def apply_membership(self, master: Node, members: list[Node]) -> NodeOutcome: ...
 
+    def idle_probe(self, master: Node) -> str: ...
+
 
 @dataclass
 class ActionResult:
@@ -102,6 +104,8 @@ class PassReport:
     results: list[ActionResult]
     dry_run: bool = False
     desired_slaves: int = 0
+    #: 0 while the cluster sleeps after an idle "down" (see idle.py)
+    desired_masters: int = 1
 
     @property
     def failed(self) -> bool:
@@ -119,7 +123,7 @@ class PassReport:
         masters = [n for n in live if n.role == "master"]
         work = [r for r in self.results if not r.skipped] if not self.dry_run else \
             list(self.plan.actions)
-        return (not self.failed and not work and len(masters) == 1
+        return (not self.failed and not work and len(masters) == self.desired_masters
                 and len(slaves) == self.desired_slaves
                 and all(n.state == "ready" for n in live))
 
@@ -164,15 +168,66 @@ def run_pass(config: Config, ec2: Ec2Gateway, nodes: NodeWorker | None, *,
     """Observe, plan and (unless dry_run) apply one pass."""
     moment = now()
     cluster = observe(config, ec2, moment)
+    notes: list[ActionResult] = []
+    asleep = False
+    if not down:
+        config, asleep, notes = _idle_check(config, cluster, nodes, moment, dry_run)
+    down = down or asleep
     the_plan = plan_down(cluster) if down else plan(config, cluster, moment)
-    report = PassReport(cluster, the_plan, [], dry_run,
-                        0 if down else sum(g.count for g in config.slave_groups))
+    report = PassReport(cluster, the_plan, notes, dry_run,
+                        0 if down else sum(g.count for g in config.slave_groups),
+                        0 if asleep else 1)
     if dry_run:
         return report
     applier = _Applier(config, ec2, nodes, cluster, moment)
     for action in the_plan.actions:
         report.results.append(applier.apply(action))
     return report
+
+
+def _idle_check(config: Config, cluster: Cluster, nodes: NodeWorker | None, moment: datetime,
+                dry_run: bool) -> tuple[Config, bool, list[ActionResult]]:
+    """IDLE_MINUTES: the config this pass plans with (slaves at zero while asleep), whether
+    the whole cluster must go (an idle "down"), and what to say. Opens SSH only when
+    IDLE_MINUTES is set, the cluster is awake and its master is ready."""
+    minutes = config["IDLE_MINUTES"]
+    sleep = idle.read_sleep(config)
+    if sleep is not None and (minutes is None or sleep.slaves != config.desired_slaves):
+        if not dry_run:
+            idle.clear_sleep(config)
+        why = ("IDLE_MINUTES is null" if minutes is None else
+               f"the slave count changed from {sleep.slaves} to {config.desired_slaves}")
+        return config, False, [_note(f"idle: awake again ({why})")]
+    if minutes is None:
+        return config, False, []
+    if sleep is None:
+        master = cluster.master
+        if nodes is None or dry_run or master is None or master.state != "ready":
+            return config, False, []
+        try:
+            verdict = idle.judge(nodes.idle_probe(master), minutes)
+        except (SshError, ValueError) as error:
+            verdict = idle.Verdict(False, "", f"idle check skipped: master "
+                                             f"{master.instance_id}: {error}"[:300])
+        if not verdict.idle:
+            return config, False, [_note(verdict.warning)] if verdict.warning else []
+        sleep = idle.Sleep(config["IDLE_ACTION"], config.desired_slaves,
+                           moment.isoformat(timespec="seconds"))
+        idle.write_sleep(config, sleep)
+        what = ("terminating the whole cluster" if sleep.action == "down"
+                else "terminating the slaves, keeping the master")
+        text = (f"idle: {verdict.note}, IDLE_MINUTES is {minutes}: {what}; change the "
+                f"slave count (now {sleep.slaves}) to bring it back")
+    else:
+        text = "idle: " + idle.wake_text(sleep)
+    if sleep.action == "down":
+        return config, True, [_note(text)]
+    return idle.zero_slaves(config), False, [_note(text)]
+
+
+def _note(text: str) -> ActionResult:
+    """A line in the pass's results that is not a step (skipped: never counts as work)."""
+    return ActionResult(idle.IdleNote("idle shutdown", text), True, skipped=True)
 
 
 class _Applier:

@@ -374,11 +374,7 @@ def _disco_story(sandbox: Sandbox, up_output: str, say: Callable[[str], None]) -
         return subprocess.Popen([sys.executable, "-m", "disposabledisco.cli", *argv],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    files = "".join(f"cat > in{k}.txt <<'EOF'\n{text}EOF\n" for k, text in enumerate(DEMO_TEXTS))
-    script = (f"set -euo pipefail\ncd \"$(mktemp -d)\"\n{files}"
-              f"cat > job.py <<'EOF'\n{DEMO_JOB_PY}EOF\n"
-              f"ddfs chunk data:demo {' '.join(f'./in{k}.txt' for k in range(len(DEMO_TEXTS)))}"
-              " >/dev/null\npython3 -W ignore job.py tag://data:demo\n")
+    script = word_count_script()
     say(f"\n$ {shlex.join(client)} bash -c '<push {len(DEMO_TEXTS)} files with ddfs chunk, "
         "run a word count>'    # a real Disco job, through the client line up printed")
     started = time.monotonic()
@@ -403,7 +399,7 @@ def _disco_story(sandbox: Sandbox, up_output: str, say: Callable[[str], None]) -
         say(f"the word count failed (exit {exit_code}):\n{stdout}{node['stderr']}")
         return 1
     counts = json.loads(results[0].removeprefix("RESULT "))
-    expected = dict(collections.Counter(" ".join(DEMO_TEXTS).split()))
+    expected = demo_counts()
     say("word count: " + ", ".join(f"{word} {counts[word]}" for word in sorted(counts)))
     if counts != expected:
         say("WRONG: a local count of the same input gives "
@@ -420,6 +416,21 @@ def _disco_story(sandbox: Sandbox, up_output: str, say: Callable[[str], None]) -
     if code == 0:
         code = _cli(["status", config], "what exists now", say)[0]
     return code
+
+
+def demo_counts() -> dict[str, int]:
+    """What the word count must give: a local count of DEMO_TEXTS."""
+    return dict(collections.Counter(" ".join(DEMO_TEXTS).split()))
+
+
+def word_count_script(tag: str = "data:demo") -> str:
+    """Bash for the master, as the Disco user: push DEMO_TEXTS into DDFS under `tag` with
+    `ddfs chunk`, run DEMO_JOB_PY over it; prints `RESULT {json counts}`."""
+    files = "".join(f"cat > in{k}.txt <<'EOF'\n{text}EOF\n" for k, text in enumerate(DEMO_TEXTS))
+    return (f"set -euo pipefail\ncd \"$(mktemp -d)\"\n{files}"
+            f"cat > job.py <<'EOF'\n{DEMO_JOB_PY}EOF\n"
+            f"ddfs chunk {tag} {' '.join(f'./in{k}.txt' for k in range(len(DEMO_TEXTS)))}"
+            f" >/dev/null\npython3 -W ignore job.py tag://{tag}\n")
 
 
 def _master_stdout(answer: str) -> str:
