@@ -295,11 +295,12 @@ def _say(line: str) -> None:
 
 def _cli(argv: list[str], title: str, say: Callable[[str], None]) -> tuple[int, str]:
     """One step: the real CLI in a child process, exactly as a user would type it; its
-    output is shown as it comes and returned (the disco demo reads the client line)."""
+    stdout is shown as it comes and returned (the disco demo reads the client line), its
+    stderr goes to ours."""
     say(f"\n$ disposabledisco {' '.join(argv)}    # {title}")
     lines: list[str] = []
     with subprocess.Popen([sys.executable, "-m", "disposabledisco.cli", *argv],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+                          stdout=subprocess.PIPE, text=True) as child:
         assert child.stdout is not None
         for line in child.stdout:
             say(line.rstrip("\n"))
