@@ -113,6 +113,13 @@ class GroupSpec:
     max_bid: float | None  # USD per hour; None for an on-demand master
     multiplier: int  # Disco workers per CPU core
     market: str  # "spot" | "on-demand"
+    instance_types: tuple[str, ...] = ()  # the pools a fleet may choose from; () = instance_type
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The instance types a launch may use, INSTANCE_TYPE first."""
+        rest = tuple(t for t in self.instance_types if t != self.instance_type)
+        return (self.instance_type, *rest)
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,7 @@ class Config:
                 max_bid=float(g.get("MAX_BID", self.values["MAX_BID"])),
                 multiplier=int(g.get("MULTIPLIER", self.values["SLAVE_MULTIPLIER"])),
                 market="spot",
+                instance_types=tuple(g.get("INSTANCE_TYPES") or ()),
             )
             for g in groups
         )
@@ -636,6 +644,31 @@ def _present(data: Mapping[str, Any], key: str) -> bool:
     return data.get(key) is not None
 
 
+def _launch_api_problems(data: Mapping[str, Any]) -> list[_Problem]:
+    """INSTANCE_TYPES and persistent requests each need the launch API that can honour them."""
+    out: list[_Problem] = []
+    fleet = data.get("LAUNCH_API") == "fleet"
+    if fleet and data.get("SPOT_REQUEST_TYPE") == "persistent":
+        out.append((("SPOT_REQUEST_TYPE",), "SPOT_REQUEST_TYPE is \"persistent\" but LAUNCH_API "
+                                            "is \"fleet\", whose instant launches are one-time; "
+                                            "set SPOT_REQUEST_TYPE to \"one-time\" or LAUNCH_API "
+                                            "to \"spot-requests\"."))
+    groups = data.get("SLAVE_GROUPS")
+    for i, g in enumerate(groups if isinstance(groups, list) else ()):
+        if not isinstance(g, dict) or g.get("INSTANCE_TYPES") is None:
+            continue
+        parts = ("SLAVE_GROUPS", i, "INSTANCE_TYPES")
+        if not fleet:
+            out.append((parts, f"{_path_str(parts)} needs LAUNCH_API \"fleet\" (a spot request "
+                               "asks for one type); set LAUNCH_API to \"fleet\" or remove "
+                               f"{_path_str(parts)}."))
+        elif isinstance(g["INSTANCE_TYPES"], list) and g.get("INSTANCE_TYPE") not in \
+                g["INSTANCE_TYPES"]:
+            out.append((parts, f"{_path_str(parts)} does not list the group's INSTANCE_TYPE "
+                               f"{_show(g.get('INSTANCE_TYPE'))}; add it (it names the group)."))
+    return out
+
+
 def _semantic_problems(data: Mapping[str, Any]) -> list[_Problem]:
     """Rules that span several keys, which JSON Schema cannot say clearly."""
     out: list[_Problem] = []
@@ -704,6 +737,8 @@ def _semantic_problems(data: Mapping[str, Any]) -> list[_Problem]:
         out.append((("IDLE_MINUTES",), "IDLE_MINUTES is set but DISCO_INSTALL is \"none\", so "
                                        "there is no Disco on the master to ask whether jobs "
                                        "run; set IDLE_MINUTES to null or install Disco."))
+
+    out.extend(_launch_api_problems(data))
 
     settings = data.get("DISCO_SETTINGS")
     if isinstance(settings, dict):
@@ -887,6 +922,7 @@ def _normalize(data: Mapping[str, Any]) -> dict[str, Any]:
                 "COUNT": _as_int(g["COUNT"]),
                 "MAX_BID": float(g.get("MAX_BID", values["MAX_BID"])),
                 "MULTIPLIER": _as_int(g.get("MULTIPLIER", values["SLAVE_MULTIPLIER"])),
+                **({"INSTANCE_TYPES": list(g["INSTANCE_TYPES"])} if "INSTANCE_TYPES" in g else {}),
             })
         values["SLAVE_GROUPS"] = groups
         values["NUM_SLAVES"] = sum(g["COUNT"] for g in groups)

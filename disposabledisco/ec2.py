@@ -15,6 +15,8 @@ touch a resource that is not the cluster's.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -132,6 +134,11 @@ def _created_ids(answer: Any, list_key: str, id_key: str) -> list[str]:
     return ids
 
 
+def _price(bid: float) -> str:
+    """A bid as EC2 takes it: a decimal string without trailing zeros."""
+    return f"{bid:.4f}".rstrip("0").rstrip(".")
+
+
 def _chunks(items: list[str], size: int = FILTER_CHUNK) -> Iterable[list[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -156,6 +163,11 @@ class Ec2Gateway:
         return self._client
 
     @property
+    def fleet(self) -> bool:
+        """LAUNCH_API "fleet": spot launches are CreateFleet calls of type instant."""
+        return self.config.get("LAUNCH_API") == "fleet"
+
+    @property
     def region(self) -> str:
         return self.client.meta.region_name
 
@@ -169,8 +181,9 @@ class Ec2Gateway:
         """
         tag_key = self.config.tag_key
         tag_filter = {"Name": "tag-key", "Values": [tag_key]}
-        requests = self._paged("describe_spot_instance_requests", "SpotInstanceRequests",
-                               Filters=[tag_filter])
+        # A fleet tags its instances in the creating call and leaves no request of ours.
+        requests = [] if self.fleet else self._paged(
+            "describe_spot_instance_requests", "SpotInstanceRequests", Filters=[tag_filter])
         instances = self._instances(Filters=[
             tag_filter, {"Name": "instance-state-name", "Values": WATCHED_INSTANCE_STATES}])
         ours = ownership(requests, [], tag_key).requests
@@ -267,7 +280,10 @@ class Ec2Gateway:
                bid: float | None, token: str) -> list[str]:
         """Create `count` instances of one group in one call; returns request or instance ids."""
         tags = [{"Key": self.config.tag_key, "Value": role}, {"Key": TAG_GROUP, "Value": group}]
-        if market == "spot":
+        if market == "spot" and self.fleet:
+            ids = self._create_fleet(role, group, count, bid, token, tags)
+            self._our_instances.update(ids)
+        elif market == "spot":
             ids = self._request_spot(instance_type, count, bid, token, tags)
             self._our_requests.update(ids)
         else:
@@ -296,6 +312,70 @@ class Ec2Gateway:
                                           else {"Name": profile})
         return spec
 
+    def _launch_template(self, role: str, tags: list[dict]) -> str:
+        """The name of a launch template holding the launch spec (no type, no subnet).
+
+        Named after its content, so a changed spec gets a new template and an existing one
+        is simply reused; created once, tagged in the creating call like everything else.
+        """
+        spec = self._launch_spec("")
+        for key in ("InstanceType", "SubnetId", "Placement"):
+            spec.pop(key, None)
+        digest = hashlib.sha256(json.dumps([self.config.tag_key, role, spec],
+                                           sort_keys=True).encode()).hexdigest()[:20]
+        name = f"disposabledisco-{digest}"
+        try:
+            with self._errors():
+                self.client.create_launch_template(
+                    LaunchTemplateName=name, LaunchTemplateData=spec, ClientToken=name,
+                    TagSpecifications=[{"ResourceType": "launch-template", "Tags": tags[:1]}])
+        except AwsError as error:
+            if error.code != "InvalidLaunchTemplateName.AlreadyExistsException":
+                raise
+        return name
+
+    def _create_fleet(self, role: str, group: str, count: int, bid: float | None, token: str,
+                      tags: list[dict]) -> list[str]:
+        """One CreateFleet (instant, price-capacity-optimized) over the group's types.
+
+        EC2 answers at once with the instances it launched and an error per pool it could
+        not use; when nothing launched the first error is the AwsError of the call.
+        """
+        spec = next(g for g in self.config.groups if g.role == role and g.name == group)
+        place: dict[str, Any] = {}
+        if self.config["SUBNET_ID"]:
+            place["SubnetId"] = self.config["SUBNET_ID"]
+        if self.config["AVAILABILITY_ZONE"]:
+            place["AvailabilityZone"] = self.config["AVAILABILITY_ZONE"]
+        if bid is not None:
+            place["MaxPrice"] = _price(bid)
+        with self._errors():
+            answer = self.client.create_fleet(
+                Type="instant", ClientToken=token,
+                SpotOptions={"AllocationStrategy": "price-capacity-optimized"},
+                TargetCapacitySpecification={"TotalTargetCapacity": count,
+                                             "DefaultTargetCapacityType": "spot"},
+                LaunchTemplateConfigs=[{
+                    "LaunchTemplateSpecification": {
+                        "LaunchTemplateName": self._launch_template(role, tags),
+                        "Version": "$Latest"},
+                    "Overrides": [{"InstanceType": t, **place} for t in spec.choices]}],
+                TagSpecifications=[{"ResourceType": kind, "Tags": tags}
+                                   for kind in ("fleet", "instance")])
+        launched = answer.get("Instances") if isinstance(answer, Mapping) else None
+        ids = [i for item in launched or () if isinstance(item, Mapping)
+               for i in item.get("InstanceIds") or () if isinstance(i, str) and i]
+        if ids:
+            return ids
+        errors = answer.get("Errors") if isinstance(answer, Mapping) else None
+        first = errors[0] if isinstance(errors, list) and errors \
+            and isinstance(errors[0], Mapping) else {}
+        code = str(first.get("ErrorCode") or "MalformedResponse")
+        raise AwsError(code, str(first.get("ErrorMessage") or "the fleet launched nothing"),
+                       HINTS.get(code, "run again later").format(
+                           ami=self.config["AMI"], key=self.config["KEY_NAME"],
+                           region=self.config.region))
+
     def _request_spot(self, instance_type: str, count: int, bid: float | None, token: str,
                       tags: list[dict]) -> list[str]:
         kwargs: dict[str, Any] = {
@@ -303,7 +383,7 @@ class Ec2Gateway:
             "ClientToken": token, "LaunchSpecification": self._launch_spec(instance_type),
             "TagSpecifications": [{"ResourceType": "spot-instances-request", "Tags": tags}]}
         if bid is not None:
-            kwargs["SpotPrice"] = f"{bid:.4f}".rstrip("0").rstrip(".")
+            kwargs["SpotPrice"] = _price(bid)
         with self._errors():
             answer = self.client.request_spot_instances(**kwargs)
         return _created_ids(answer, "SpotInstanceRequests", "SpotInstanceRequestId")

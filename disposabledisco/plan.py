@@ -77,11 +77,14 @@ class Launch(Action):
     market: str
     bid: float | None
     key: str  # see launch_key; the ClientToken is looked up from it when applied
+    instance_types: tuple[str, ...] = ()  # a fleet's pools, instance_type first; () = just it
 
     def describe(self) -> str:
         what = f"bid {usd(self.bid or 0.0)} USD/h for" if self.market == "spot" \
             else "launch on-demand"
-        return f"{what} {self.count} × {self.instance_type} ({self.role})"
+        types = " | ".join(self.instance_types) if len(self.instance_types) > 1 \
+            else self.instance_type
+        return f"{what} {self.count} × {types} ({self.role})"
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ def launch_key(tag_key: str, group: GroupSpec, count: int, market: str,
     of bidding twice. Any change in what exists gives a new key.
     """
     seen = sorted(n.key for n in cluster.of(group.role, group.name))
-    text = "|".join([tag_key, group.role, group.name, group.instance_type, str(count), market,
+    text = "|".join([tag_key, group.role, group.name, *group.choices, str(count), market,
                      *seen])
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
@@ -367,7 +370,8 @@ def _size_group(draft: _Draft, group: GroupSpec) -> None:
         draft.launches.append(Launch(
             why, group.role, group.name, group.instance_type, count, market,
             group.max_bid if market == "spot" else None,
-            launch_key(config.tag_key, group, count, market, cluster)))
+            launch_key(config.tag_key, group, count, market, cluster),
+            group.choices if market == "spot" else (group.instance_type,)))
 
 
 def _removal_order(live: list[Node]) -> list[Node]:

@@ -66,6 +66,7 @@ PATCHED_ACTIONS = (
     "cancel_spot_instance_requests",
     "describe_spot_price_history",
     "run_instances",
+    "create_fleet",
     "terminate_instances",
     "describe_instances",
     "create_tags",
@@ -255,6 +256,7 @@ class _BackendState:
     request_of: dict[str, str] = field(default_factory=dict)  # instance id -> request id
     spot_tokens: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     run_tokens: dict[str, tuple[str, str]] = field(default_factory=dict)
+    fleet_tokens: dict[str, tuple[str, dict]] = field(default_factory=dict)  # -> the answer
     born: dict[str, float] = field(default_factory=dict)  # id -> simulated creation time
     marked: dict[str, tuple[float, str]] = field(default_factory=dict)  # iid -> (due, reason)
 
@@ -631,11 +633,14 @@ class SpotMarket:
             self._fulfil(state, request)
 
     def _has_capacity(self, state: _BackendState, itype: str, count: int) -> bool:
+        return self._room(state, itype) >= count
+
+    def _room(self, state: _BackendState, itype: str) -> float:
+        """How many more spot instances of a type fit (inf without a capacity limit)."""
         cap = self._capacity.get(itype)
         if cap is None:
-            return True
-        used = sum(1 for i in self._running_spot(state) if i.instance_type == itype)
-        return used + count <= cap
+            return math.inf
+        return cap - sum(1 for i in self._running_spot(state) if i.instance_type == itype)
 
     def _fulfil(self, state: _BackendState, request: ModelledSpotRequest) -> None:
         spec = request.launch_specification
@@ -895,37 +900,96 @@ class SpotMarket:
         reservation = result.result
         for instance in reservation.instances:
             if spot:
-                request = ModelledSpotRequest(
-                    state.backend,
-                    now=self.clock.now(),
-                    opened_at=self.clock.seconds,
-                    price=options.get("MaxPrice"),
-                    image_id=instance.image_id,
-                    request_type=options.get("SpotInstanceType") or "one-time",
-                    key_name=instance.key_name,
-                    security_groups=list(instance.security_groups),
-                    user_data=instance.user_data,
-                    instance_type=instance.instance_type,
-                    placement=None,
-                    monitoring_enabled=False,
-                    subnet_id=instance.subnet_id,
-                    tags=_tag_map(params.get("TagSpecifications") or [],
-                                  "spot-instances-request"),
-                    interruption_behaviour=options.get("InstanceInterruptionBehavior"),
-                    client_token=token,
-                )
-                state.backend.spot_instance_requests[request.id] = request
-                state.order.append(request.id)
-                state.born[request.id] = self.clock.seconds
-                self._bind(state, request, instance)
-                self._set_status(request, "active", "fulfilled")
-                self._event("fulfil", request.id, instance.id, "run-instances")
+                self._spot_at_once(state, instance, options.get("MaxPrice"), token,
+                                   _tag_map(params.get("TagSpecifications") or [],
+                                            "spot-instances-request"),
+                                   options.get("SpotInstanceType") or "one-time",
+                                   options.get("InstanceInterruptionBehavior"), "run-instances")
             else:
                 self._event("launch", None, instance.id, "on-demand")
             self._launched(state, instance)
         if token:
             state.run_tokens[token] = (_fingerprint(params), reservation.id)
         return result
+
+    def _spot_at_once(self, state: _BackendState, instance: Instance, bid: Any,
+                      token: str | None, tags: dict[str, str], request_type: str,
+                      interruption: str | None, how: str) -> None:
+        """The fulfilled request behind a spot instance launched in one call (RunInstances
+        with spot options, an instant fleet): its bid is what later price changes and
+        interruptions are judged by, exactly as for a RequestSpotInstances request."""
+        request = ModelledSpotRequest(
+            state.backend, now=self.clock.now(), opened_at=self.clock.seconds, price=bid,
+            image_id=instance.image_id, request_type=request_type,
+            key_name=instance.key_name, security_groups=list(instance.security_groups),
+            user_data=instance.user_data, instance_type=instance.instance_type,
+            placement=None, monitoring_enabled=False, subnet_id=instance.subnet_id,
+            tags=tags, interruption_behaviour=interruption, client_token=token)
+        state.backend.spot_instance_requests[request.id] = request
+        state.order.append(request.id)
+        state.born[request.id] = self.clock.seconds
+        self._bind(state, request, instance)
+        self._set_status(request, "active", "fulfilled")
+        self._event("fulfil", request.id, instance.id, how)
+
+    def _h_create_fleet(self, resp: Any, original: Any, state: _BackendState) -> Any:
+        """An instant spot fleet: price-capacity-optimized over its pools, idempotent.
+
+        The pool is the cheapest one whose price is under its MaxPrice and that has room
+        (several pools are not mixed in one call; the rest of the count is the next
+        pass's); every other pool is reported in Errors as EC2 does. Other fleet types
+        and on-demand capacity are moto's own.
+        """
+        params = resp.params or {}
+        target = params.get("TargetCapacitySpecification") or {}
+        if params.get("Type") != "instant" or target.get("DefaultTargetCapacityType") != "spot":
+            return original(resp)
+        token = params.get("ClientToken")
+        answer = _replayed(token, state.fleet_tokens, params)
+        resp.error_on_dryrun()
+        if answer is not None:
+            return ActionResult(answer)
+        wanted = int(target.get("TotalTargetCapacity") or 0)
+        errors, pools = [], []
+        for config in params.get("LaunchTemplateConfigs") or []:
+            for override in config.get("Overrides") or []:
+                itype = override.get("InstanceType") or "m1.small"
+                bid = float(override["MaxPrice"]) if override.get("MaxPrice") else math.inf
+                room = self._room(state, itype)
+                code = ("SpotMaxPriceTooLow" if bid < self.price(itype)
+                        else "InsufficientInstanceCapacity" if room <= 0 else None)
+                pool = {"LaunchTemplateAndOverrides": {
+                    "LaunchTemplateSpecification": config.get("LaunchTemplateSpecification"),
+                    "Overrides": override}, "Lifecycle": "spot"}
+                if code:
+                    errors.append({**pool, "ErrorCode": code,
+                                   "ErrorMessage": f"no spot {itype} at or under the bid"})
+                else:
+                    pools.append((self.price(itype), len(pools), room, config, override, pool))
+        answer = {"FleetId": f"fleet-{uuid.uuid4()}", "Instances": [], "Errors": errors}
+        if pools:
+            _price, _order, room, config, override, pool = min(pools)
+            fleet = state.backend.create_fleet(
+                on_demand_options={}, spot_options=params.get("SpotOptions") or {},
+                target_capacity_specification={**target,
+                                               "TotalTargetCapacity": int(min(wanted, room))},
+                launch_template_configs=[{**config, "Overrides": [override]}],
+                excess_capacity_termination_policy=None, replace_unhealthy_instances=None,
+                terminate_instances_with_expiration=True, fleet_type="instant",
+                valid_from=None, valid_until=None,
+                tag_specifications=params.get("TagSpecifications") or [])
+            ids = [i for item in fleet.instances or () for i in item["InstanceIds"]]
+            for iid in ids:
+                instance = state.backend.get_instance_by_id(iid)
+                self._spot_at_once(state, instance, override.get("MaxPrice"), token, {},
+                                   "one-time", None, "fleet")
+                self._launched(state, instance)
+            answer = {"FleetId": fleet.id, "Errors": errors,
+                      "Instances": [{**pool, "InstanceIds": ids,
+                                     "InstanceType": override.get("InstanceType")}]}
+        if token:
+            state.fleet_tokens[token] = (_fingerprint(params), answer)
+        return ActionResult(answer)
 
     def _h_terminate_instances(self, resp: Any, original: Any, state: _BackendState) -> Any:
         ids = list(resp._get_param("InstanceIds", []) or [])
