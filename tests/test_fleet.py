@@ -173,3 +173,35 @@ def test_bad_launch_settings_are_refused_before_any_call(write_config, calls, ca
     assert up(path) == 2
     assert key in capsys.readouterr().err
     assert calls == []
+
+
+def _fleet(client, token, count, overrides):
+    name = "tmpl"
+    if not client.describe_launch_templates()["LaunchTemplates"]:
+        client.create_launch_template(LaunchTemplateName=name,
+                                      LaunchTemplateData={"ImageId": "ami-12c6146b"})
+    return client.create_fleet(
+        Type="instant", ClientToken=token,
+        SpotOptions={"AllocationStrategy": "price-capacity-optimized"},
+        TargetCapacitySpecification={"TotalTargetCapacity": count,
+                                     "DefaultTargetCapacityType": "spot"},
+        LaunchTemplateConfigs=[{"LaunchTemplateSpecification": {
+            "LaunchTemplateName": name, "Version": "$Latest"}, "Overrides": overrides}])
+
+
+def test_market_fleet_reports_each_unusable_pool_and_checks_the_token(ec2_env, spot_market):
+    """The market's CreateFleet model on its own: an over-bid pool and a full pool are
+    Errors entries with EC2's codes, the usable pool launches, and a token reused with
+    other parameters is IdempotentParameterMismatch."""
+    spot_market.set_price("c5.large", 0.30)
+    spot_market.set_capacity("r5.large", 0)
+    client = ec2_env.client()
+    answer = _fleet(client, "t-1", 2, [{"InstanceType": t, "MaxPrice": "0.2"}
+                                       for t in ("c5.large", "r5.large", "m5.large")])
+    codes = {e["LaunchTemplateAndOverrides"]["Overrides"]["InstanceType"]: e["ErrorCode"]
+             for e in answer["Errors"]}
+    assert codes == {"c5.large": "SpotMaxPriceTooLow", "r5.large": "InsufficientInstanceCapacity"}
+    assert [(i["InstanceType"], len(i["InstanceIds"])) for i in answer["Instances"]] == [
+        ("m5.large", 2)]
+    with pytest.raises(Exception, match="IdempotentParameterMismatch"):
+        _fleet(client, "t-1", 3, [{"InstanceType": "m5.large", "MaxPrice": "0.2"}])
