@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from datetime import timedelta
 
 import pytest
@@ -18,6 +19,7 @@ from disposabledisco import idle
 from disposabledisco.cli import main
 from disposabledisco.plan import ApplyMembership, Terminate
 from disposabledisco.ssh import SshError
+from tests.test_disco_cluster import installed_tree  # noqa: F401, F811 - a fixture
 from tests.test_reconcile_unit import NOW, FakeEc2, FakeWorker, config, run
 
 T0 = int(NOW.timestamp())
@@ -260,3 +262,47 @@ def test_the_probe_script_prints_what_parse_probe_reads(tmp_path):
     parsed = idle.parse_probe(out)
     assert parsed.jobs == ((parsed.jobs[0][0], "ready", "a@1"),)
     assert int(parsed.jobs[0][0].timestamp()) == T0 - 60
+
+
+# -- real Disco (tiers nodes + disco) ------------------------------------------------------
+
+def _idle_pass_output(path: str, seconds: float) -> str:
+    """`up` every few seconds until a pass takes the idle action; that pass's output."""
+    from tests.test_e2e_cluster import cli
+
+    deadline = time.monotonic() + seconds
+    while True:
+        code, out, err = cli("up", path)
+        if "idle: no Disco job for" in out or time.monotonic() > deadline:
+            return out + err
+        assert code in (0, 10), out + err
+        assert "idle check skipped" not in out, out
+        time.sleep(5)
+
+
+@pytest.mark.nodes
+@pytest.mark.disco
+def test_real_disco_idle_slaves_to_zero_and_back(e2e, installed_tree):  # noqa: F811
+    """Disco's own job list on a converged master: a fresh cluster gets its grace, then
+    an idle pass takes the slaves away, later passes keep them away, and raising the
+    count brings them back."""
+    from tests.test_e2e_cluster import cli, live, observe_cluster
+
+    cfg = e2e.new_config("ddidlereal", 1, DISCO_INSTALL="tarball",
+                         DISCO_TARBALL=str(installed_tree))
+    path = str(cfg.path)
+    code, out, err = cli("up", path, "--wait", "--timeout", "180")
+    assert code == 0, out + err
+    cfg(IDLE_MINUTES=10080)
+    code, out, err = cli("up", path)  # the real probe answers and parses: not idle, quiet
+    assert code == 0 and "idle:" not in out and "idle check" not in out, out + err
+    cfg(IDLE_MINUTES=1)
+    out = _idle_pass_output(path, 150)
+    assert "idle: no Disco job for 1 min" in out and "terminating the slaves" in out, out
+    assert live(observe_cluster(cfg), "slave") == []
+    code, out, err = cli("up", path)
+    assert code == 0 and "asleep since" in out, out + err
+    cfg(NUM_SLAVES=2)
+    code, out, err = cli("up", path, "--wait", "--timeout", "180")
+    assert code == 0 and "slave count changed from 1 to 2" in out, out + err
+    assert len(live(observe_cluster(cfg), "slave")) == 2
