@@ -89,7 +89,8 @@ def test_schema_covers_the_contract_keys():
     # beyond DESIGN.md: how long a pass waits for SSH; the tarball's pinned hash; the
     # source build (issue 8)
     ours = {"SSH_DEADLINE_SECONDS", "DISCO_TARBALL_SHA256", "DISCO_SOURCE",
-            "DISCO_SOURCE_SHA256", "DISCO_SOURCE_BASE_URL"}
+            "DISCO_SOURCE_SHA256", "DISCO_SOURCE_BASE_URL", "IDLE_MINUTES", "IDLE_ACTION",
+            "LAUNCH_API"}
     assert set(load_schema()["properties"]) == design_keys | ours | {"$schema"}
 
 
@@ -108,10 +109,9 @@ def test_reference_doc_is_the_committed_rendering():
 
 def test_default_config_is_valid_and_round_trips(tmp_path):
     data = default_config()
-    assert data["AMI"] == PLACEHOLDER_AMI and data["KEY_NAME"] == "disposabledisco"
+    assert data["AMI"] == PLACEHOLDER_AMI and data["KEY_NAME"] == "your-ec2-key-pair"
     assert re.fullmatch(r"disco-[0-9a-f]{8}", data["TAG_KEY"])
-    assert data["$schema"].startswith("file://") and data["$schema"].endswith("/schema.json")
-    assert Path(data["$schema"][len("file://"):]).is_file()
+    assert data["$schema"] == "./disposabledisco.schema.json"  # beside the config, 3f40482
     assert "AWS_SECRET" not in data and "AWS_ACCESS" not in data
     text = render_default_config()
     printed = json.loads(text)
@@ -888,3 +888,206 @@ def test_cli_refuses_a_bad_source_with_exit_2_before_any_aws_call(tmp_path, chan
                             env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "DISCO_SOURCE" in result.stderr and "127.0.0.1:9" not in result.stderr
+
+
+# --------------------------------------------------------------------------- rules, pinned
+# Exact texts, problem paths and boundaries of the rules in config.py, so that a changed
+# limit, a problem filed under another path (which decides its order and which message wins
+# on a path) or a reworded fix is caught (docs/mutation.md).
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pattern_cache():
+    """`_compiled` caches translated patterns for the whole process: empty it so every test
+    runs `_ecma_to_python` itself instead of reading what an earlier test translated."""
+    cfgmod._compiled.cache_clear()
+
+
+@pytest.mark.parametrize("pattern,python", [
+    ("^a$", r"^a\Z"),
+    ("a$|b$", r"a\Z|b\Z"),
+    (r"^\$x$", r"^\$x\Z"),
+    (r"a\\$", r"a\\\Z"),
+    ("[$]$", r"[$]\Z"),
+    (r"[\]$]$", r"[\]$]\Z"),
+    ("[a][$]", "[a][$]"),
+    ("", ""),
+])
+def test_ecma_dollar_is_end_of_string_outside_classes_and_escapes(pattern, python):
+    assert cfgmod._ecma_to_python(pattern) == python
+
+
+def group(itype, count):
+    return {"INSTANCE_TYPE": itype, "COUNT": count}
+
+
+MERGE = ("a slave group is named by its instance type, so merge the two into one group and "
+         "add up their COUNT.")
+CREDENTIALS = ("give both, or better remove {} and use AWS_PROFILE, the environment or an "
+               "instance role.")
+
+# (case id, data, exactly the problems _semantic_problems files, as (path, message))
+SEMANTIC = [
+    ("nothing to say", {}, []),
+    ("repeated type after a non-object group",
+     {"SLAVE_GROUPS": [5, group("c5.large", 2), group("c5.large", 1)]},
+     [(("SLAVE_GROUPS", 2, "INSTANCE_TYPE"), 'SLAVE_GROUPS[2].INSTANCE_TYPE is "c5.large", '
+       f"already used by SLAVE_GROUPS[1]; {MERGE}")]),
+    ("a non-text type is left to the schema", {"SLAVE_GROUPS": [group(1, 1), group(1, 1)]}, []),
+    ("exactly 1000 slaves", {"SLAVE_GROUPS": [group("c5.large", 999), group("m5.large", 1)]},
+     []),
+    ("1001 slaves", {"SLAVE_GROUPS": [group("c5.large", 1000), group("m5.large", 1)]},
+     [(("SLAVE_GROUPS",), "SLAVE_GROUPS asks for 1001 slaves in all; use at most 1000 in "
+                          "total.")]),
+    ("true and negative counts add nothing",
+     {"SLAVE_GROUPS": [group("c5.large", True), group("m5.large", -4)], "NUM_SLAVES": 0}, []),
+    ("NUM_SLAVES 0 against groups", {"SLAVE_GROUPS": [group("c5.large", 2)], "NUM_SLAVES": 0},
+     [(("NUM_SLAVES",), "NUM_SLAVES is 0 but SLAVE_GROUPS adds up to 2 slaves; SLAVE_GROUPS "
+                        "decides the slaves, so remove NUM_SLAVES (or set it to 2).")]),
+    ("NUM_SLAVES true is left to the schema",
+     {"SLAVE_GROUPS": [group("c5.large", 2)], "NUM_SLAVES": True}, []),
+    ("secret without access", {"AWS_ACCESS": None, "AWS_SECRET": "x"},
+     [(("AWS_ACCESS",), "AWS_SECRET is set but AWS_ACCESS is not; "
+                        + CREDENTIALS.format("AWS_SECRET"))]),
+    ("access without secret", {"AWS_ACCESS": "x"},
+     [(("AWS_SECRET",), "AWS_ACCESS is set but AWS_SECRET is not; "
+                        + CREDENTIALS.format("AWS_ACCESS"))]),
+    ("both credentials", {"AWS_ACCESS": "x", "AWS_SECRET": "y"}, []),
+    ("cap below the default bid", {"MAX_HOURLY_COST": 0.05},
+     [(("MAX_HOURLY_COST",), "MAX_HOURLY_COST is 0.05, less than the master's bid alone "
+                             '(MAX_BID "0.10"); raise MAX_HOURLY_COST or lower MAX_BID.')]),
+    ("cap below a given bid", {"MAX_HOURLY_COST": "0.5", "MAX_BID": 1},
+     [(("MAX_HOURLY_COST",), 'MAX_HOURLY_COST is "0.5", less than the master\'s bid alone '
+                             "(MAX_BID 1); raise MAX_HOURLY_COST or lower MAX_BID.")]),
+    ("cap equal to the bid", {"MAX_HOURLY_COST": "0.10", "MAX_BID": 0.1}, []),
+    ("cap above the default bid", {"MAX_HOURLY_COST": 0.5}, []),
+    ("on-demand master has no bid", {"MAX_HOURLY_COST": 0.05, "MASTER_MARKET": "on-demand"},
+     []),
+    ("foreign tag key", {"TAG_KEY": "eks:x"},
+     [(("TAG_KEY",), 'TAG_KEY is "eks:x", but Amazon EKS owns keys starting "eks:", so this '
+                     "cluster would act on instances it does not own; use a key of its own, "
+                     'e.g. "disco-<something unique>".')]),
+    ("local zone of the region", {"REGION": "us-east-1", "AVAILABILITY_ZONE": "us-east-1-bos-1a"},
+     []),
+    ("zone of a longer region number",
+     {"REGION": "us-east-1", "AVAILABILITY_ZONE": "us-east-10a"},
+     [(("AVAILABILITY_ZONE",), 'AVAILABILITY_ZONE is "us-east-10a", which is not in REGION '
+                               '"us-east-1"; use a zone of that region like us-east-1a.')]),
+    ("managed Disco setting", {"DISCO_SETTINGS": {"DISCO_PORT": 1, "DISCO_X": 2}},
+     [(("DISCO_SETTINGS", "DISCO_PORT"), "DISCO_SETTINGS.DISCO_PORT is managed by "
+                                         "disposabledisco; set the top-level DISCO_PORT key "
+                                         "instead.")]),
+]
+
+
+@pytest.mark.parametrize("data,expected", [c[1:] for c in SEMANTIC],
+                         ids=[c[0] for c in SEMANTIC])
+def test_semantic_problems_paths_texts_and_limits(data, expected):
+    assert cfgmod._semantic_problems(data) == expected
+
+
+@pytest.mark.parametrize("value,price", [
+    (0.01, True), (1, True), ("0.10", True), ("2", True),
+    (0, False), (0.0, False), (-1, False), (0.5 - 0.5, False), ("0", False), ("0.00", False),
+    (True, False), (float("inf"), False), (float("-inf"), False), (float("nan"), False),
+    (None, False), ("ten", False),
+])
+def test_is_price_means_finite_and_above_zero(value, price):
+    assert cfgmod._is_price(value) is price
+
+
+def test_non_finite_numbers_are_found_at_any_depth_under_their_path():
+    data = {"A": [1, float("nan")], "B": {"C": float("inf")}, "D": 2.5}
+    assert list(cfgmod._non_finite(data)) == [
+        (("A", 1), "A[1] is NaN, which is not a JSON number; use a finite number."),
+        (("B", "C"), "B.C is Infinity, which is not a JSON number; use a finite number."),
+    ]
+
+
+@pytest.mark.parametrize("tag,owner", [
+    ("NAME", '"Name" is the instance name tag that most instances in an account carry'),
+    ("team.Kubernetes.io/role",
+     'Kubernetes owns keys under "*.kubernetes.io/" and "*.k8s.io/"'),
+    ("node.k8s.io/x", 'Kubernetes owns keys under "*.kubernetes.io/" and "*.k8s.io/"'),
+    ("Ray-cluster", 'Ray\'s cluster launcher owns keys starting "ray-"'),
+    ("names", None), ("disco-kubernetes.io", None), ("my-ray-x", None),
+])
+def test_tag_key_owner_names_who_owns_the_key(tag, owner):
+    assert cfgmod._tag_key_owner(tag) == owner
+
+
+def test_redact_hides_secrets_of_four_characters_or_more():
+    assert cfgmod._redact("abcd abc abcd", ["abcd", "abc"]) == "<hidden> abc <hidden>"
+    assert cfgmod._redact("abc", ["abc", ""]) == "abc"
+
+
+@pytest.mark.parametrize("value,expected", [
+    (2.0, 2), (2.5, 2.5), (None, None), (True, True), ("3", "3"), (7, 7),
+])
+def test_as_int_turns_only_whole_floats_into_ints(value, expected):
+    got = cfgmod._as_int(value)
+    assert got == expected and type(got) is type(expected)
+
+
+def sha8(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+@pytest.mark.parametrize("name,folder", [
+    ("Disco-A_1.x", "Disco-A_1.x"),
+    ("x.", "x."),
+    ("Xy", "Xy"),
+    ("team/a b", f"team_a_b-{sha8('team/a b')}"),
+    (".hidden", f"hidden-{sha8('.hidden')}"),
+    ("..", f"_-{sha8('..')}"),
+])
+def test_safe_file_name_keeps_safe_names_and_hashes_altered_ones(name, folder):
+    """State folders are named by this: a changed rule would orphan existing state."""
+    assert cfgmod._safe_file_name(name) == folder
+
+
+def test_resolve_path_without_a_file_is_relative_to_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    c = parse_config(BASE)
+    assert c.resolve_path("x.tgz") == tmp_path / "x.tgz"
+    assert c.resolve_path("~/y") == tmp_path / "home" / "y"
+
+
+PLACEHOLDER_WARNING = (f"AMI is still the placeholder {PLACEHOLDER_AMI} written by init; set it "
+                       "to an Ubuntu AMI of your region.")
+INSECURE_APT = ("DISCO_APT_SOURCE sets trusted=yes, so apt installs Disco without checking its "
+                "signature; remove it and use signed-by= with the repository's key.")
+
+# (case id, overrides, exactly the warnings, in order)
+WARNINGS = [
+    ("placeholder AMI", {"AMI": PLACEHOLDER_AMI}, [PLACEHOLDER_WARNING]),
+    ("slave type beside groups",
+     {"SLAVE_INSTANCE_TYPE": "m5.xlarge", "SLAVE_GROUPS": [group("c5.large", 1)]},
+     ["SLAVE_INSTANCE_TYPE is ignored because SLAVE_GROUPS gives the slaves' types; "
+      "remove it."]),
+    ("slave type alone", {"SLAVE_INSTANCE_TYPE": "m5.xlarge"}, []),
+    ("tarball with apt",
+     {"DISCO_TARBALL": "x.tgz", "DISCO_INSTALL": "apt", "DISCO_APT_SOURCE": "deb https://a/ ./"},
+     ['DISCO_TARBALL is ignored because DISCO_INSTALL is "apt", not "tarball".']),
+    ("insecure apt source not used",
+     {"DISCO_APT_SOURCE": "deb [trusted=yes] http://x/ ./"},
+     ['DISCO_APT_SOURCE is ignored because DISCO_INSTALL is "preinstalled", not "apt".']),
+    ("insecure apt source after another warning",
+     {"AMI": PLACEHOLDER_AMI, "DISCO_INSTALL": "apt",
+      "DISCO_APT_SOURCE": "deb [trusted=yes] https://x/ ./"},
+     [PLACEHOLDER_WARNING, INSECURE_APT]),
+    ("old tag key and insecure host keys",
+     {"TAG_KEY": "disposabledisco", "HOST_KEY_POLICY": "insecure"},
+     ['TAG_KEY is "disposabledisco", the default of earlier versions that other configs may '
+      "share, and clusters sharing a TAG_KEY take each other's nodes; keep it only if no "
+      "other config in this account uses it.",
+      'HOST_KEY_POLICY is "insecure": SSH host keys are not checked, so use it only for '
+      "tests."]),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", [c[1:] for c in WARNINGS],
+                         ids=[c[0] for c in WARNINGS])
+def test_warnings_conditions_and_texts(overrides, expected):
+    assert list(parse_config(with_(**overrides)).warnings) == expected
