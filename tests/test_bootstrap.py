@@ -198,6 +198,12 @@ def rendered_scripts() -> list[tuple[str, str]]:
     scripts = [(f"{role}-{i}", bootstrap.render(config(**variant), role))
                for i, variant in enumerate(VARIANTS) for role in bootstrap.ROLES]
     scripts += [(name, bootstrap.snippet(config(), name)) for name in SNIPPETS]
+    # snippets that carry a Python helper, rendered with the values their callers give
+    scripts.append(("doctor_job", bootstrap.snippet(
+        config(), "doctor_job", JOB_PY=bootstrap.template("doctor_job.py"), HARD_SECONDS=60)))
+    scripts.append(("idle_probe", bootstrap.snippet(
+        config(), "idle_probe", JOBLIST_URL="http://10.0.0.4:8989/disco/ctrl/joblist",
+        PROBE_PY=bootstrap.template("idle_probe.py"))))
     return scripts
 
 
