@@ -25,25 +25,12 @@ import pytest
 
 from disposabledisco import disco_fixes, disco_source
 from disposabledisco.disco_source import PINS, BundleError, assemble_bundle, bundle_sha256
+from tests.disco_bundle import source_bundle
 
 pytestmark = pytest.mark.disco
 
-VENDOR = Path(__file__).resolve().parents[2] / "shared" / "vendor"
 BUILD_TOOLS = ("erl", "rebar", "make", "git", "python3", "tar", "shellcheck")
 JOB_TOOLS = ("unshare", "ip", "chroot", "mount")
-
-
-def source_bundle() -> Path:
-    """The bundle to build: DISCO_SOURCE when set, else the vendor one; skip if neither."""
-    if os.environ.get("DISCO_SOURCE"):
-        path = Path(os.environ["DISCO_SOURCE"])
-        if not path.is_file():
-            pytest.skip(f"DISCO_SOURCE={path} is not a file")
-        return path
-    found = sorted(VENDOR.glob("disco-*-src.tar.gz"))
-    if not found:
-        pytest.skip(f"no Disco source bundle in {VENDOR} and DISCO_SOURCE unset")
-    return found[0]
 
 
 def need_tools(*tools: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import io
-import os
 import shutil
 import subprocess
 import tarfile
@@ -26,6 +25,7 @@ from disposabledisco.config import Config, parse_config
 from disposabledisco.disco_source import bundle_sha256
 from disposabledisco.provision import Provisioner
 from disposabledisco.sandbox.nodes import NodeFarm
+from tests.disco_bundle import source_bundle
 from tests.node_fixtures import (  # noqa: F401 - pytest fixtures
     client_key,
     node_farm,
@@ -36,7 +36,6 @@ from tests.node_fixtures import (  # noqa: F401 - pytest fixtures
 pytestmark = [pytest.mark.nodes, pytest.mark.disco]
 
 SUBNET = "127.10.41"
-VENDOR = Path(__file__).resolve().parents[2] / "shared" / "vendor"
 #: what the master's source mode installs from apt (bootstrap.packages), all of which the
 #: offline nodes must already have
 NODE_PACKAGES = ("python3", "openssh-client", "python-is-python3", *bootstrap.BUILD_PACKAGES)
@@ -44,19 +43,6 @@ STATE = tempfile.mkdtemp(prefix="dd-test-source-")  # the bootstrap digest key
 atexit.register(shutil.rmtree, STATE, True)
 VCPUS = 2
 STAGED = "/var/lib/disposabledisco"
-
-
-def source_bundle() -> Path:
-    """DISCO_SOURCE when set, else the vendor bundle; skip when there is neither."""
-    if os.environ.get("DISCO_SOURCE"):
-        path = Path(os.environ["DISCO_SOURCE"])
-        if not path.is_file():
-            pytest.skip(f"DISCO_SOURCE={path} is not a file")
-        return path
-    found = sorted(VENDOR.glob("disco-*-src.tar.gz"))
-    if not found:
-        pytest.skip(f"no Disco source bundle in {VENDOR} and DISCO_SOURCE unset")
-    return found[-1]
 
 
 @pytest.fixture(autouse=True)
