@@ -46,6 +46,8 @@ WIRING_KEYS = ("AMI", "KEY_NAME", "SECURITY_GROUPS", "SUBNET_ID", "REGION", "END
 
 #: the disco demo's cluster: 1 master + 2 slaves
 DISCO_DEMO_SLAVES = 2
+#: seconds the demo's word count may take (13-53 s seen here, losing a slave included)
+DEMO_JOB_TIMEOUT = 300
 _WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog")
 #: eight input files (eight map tasks, more than the master's slots: the slaves work too)
 DEMO_TEXTS = ["\n".join(" ".join(_WORDS[(i * 5 + j * 3 + k) % len(_WORDS)]
@@ -387,7 +389,15 @@ def _disco_story(sandbox: Sandbox, up_output: str, say: Callable[[str], None]) -
         if job.poll() is None and _master_stdout(listed).strip():
             victim = _interrupt_one_slave(sandbox, say, while_="while the word count runs")
         time.sleep(1)
-    out, err = job.communicate(timeout=900)
+    try:
+        out, err = job.communicate(timeout=DEMO_JOB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        job.communicate()
+        say(f"the word count did not finish within {DEMO_JOB_TIMEOUT} s"
+            + (f" after slave {victim} was interrupted" if victim else "")
+            + f"; see `disco events` on the master and the logs in {sandbox.directory}")
+        return 1
     seconds = time.monotonic() - started
     try:
         (node,) = json.loads(out)["nodes"]
