@@ -30,6 +30,7 @@ from disposabledisco.sandbox.loopback import (
 )
 from disposabledisco.sandbox.nodes import NodeFarm, generate_ed25519_key
 from disposabledisco.sandbox.run import WIRING_KEYS, Sandbox, SandboxOptions, keep_user_edits
+from tests.disco_bundle import source_bundle
 
 IP = ipaddress.IPv4Address
 NET = ipaddress.IPv4Network
@@ -301,14 +302,10 @@ def test_a_disco_source_that_is_not_a_file_is_refused_before_anything_starts(tmp
 
 
 def vendor_bundle() -> Path:
-    """The Disco source bundle of ../shared/vendor; skip when it or root is missing."""
+    """The Disco source bundle (tests/disco_bundle.py); skip when it or root is missing."""
     if os.geteuid() != 0:
         pytest.skip("the Disco demo builds and runs Disco on real SSH nodes: needs root")
-    found = sorted((Path(__file__).resolve().parents[2] / "shared" / "vendor")
-                   .glob("disco-*-src.tar.gz"))
-    if not found:
-        pytest.skip("no Disco source bundle in ../shared/vendor")
-    return found[0]
+    return source_bundle()
 
 
 @pytest.mark.nodes
