@@ -909,6 +909,7 @@ def _fresh_pattern_cache():
     (r"^\$x$", r"^\$x\Z"),
     (r"a\\$", r"a\\\Z"),
     ("[$]$", r"[$]\Z"),
+    ("[a$]$", r"[a$]\Z"),
     (r"[\]$]$", r"[\]$]\Z"),
     ("[a][$]", "[a][$]"),
     ("", ""),
@@ -973,6 +974,11 @@ SEMANTIC = [
      {"REGION": "us-east-1", "AVAILABILITY_ZONE": "us-east-10a"},
      [(("AVAILABILITY_ZONE",), 'AVAILABILITY_ZONE is "us-east-10a", which is not in REGION '
                                '"us-east-1"; use a zone of that region like us-east-1a.')]),
+    ("idle check without Disco", {"IDLE_MINUTES": 30, "DISCO_INSTALL": "none"},
+     [(("IDLE_MINUTES",), 'IDLE_MINUTES is set but DISCO_INSTALL is "none", so there is no '
+                          "Disco on the master to ask whether jobs run; set IDLE_MINUTES to "
+                          "null or install Disco.")]),
+    ("idle check with Disco", {"IDLE_MINUTES": 30}, []),
     ("managed Disco setting", {"DISCO_SETTINGS": {"DISCO_PORT": 1, "DISCO_X": 2}},
      [(("DISCO_SETTINGS", "DISCO_PORT"), "DISCO_SETTINGS.DISCO_PORT is managed by "
                                          "disposabledisco; set the top-level DISCO_PORT key "
@@ -1062,6 +1068,9 @@ INSECURE_APT = ("DISCO_APT_SOURCE sets trusted=yes, so apt installs Disco withou
 # (case id, overrides, exactly the warnings, in order)
 WARNINGS = [
     ("placeholder AMI", {"AMI": PLACEHOLDER_AMI}, [PLACEHOLDER_WARNING]),
+    ("placeholder key pair", {"KEY_NAME": cfgmod.PLACEHOLDER_KEY_NAME},
+     ['KEY_NAME is still the placeholder "your-ec2-key-pair" written by init; set it to the '
+      "name of your EC2 key pair in REGION."]),
     ("slave type beside groups",
      {"SLAVE_INSTANCE_TYPE": "m5.xlarge", "SLAVE_GROUPS": [group("c5.large", 1)]},
      ["SLAVE_INSTANCE_TYPE is ignored because SLAVE_GROUPS gives the slaves' types; "
@@ -1091,3 +1100,17 @@ WARNINGS = [
                          ids=[c[0] for c in WARNINGS])
 def test_warnings_conditions_and_texts(overrides, expected):
     assert list(parse_config(with_(**overrides)).warnings) == expected
+
+
+def test_normalized_groups_get_defaults_and_a_copy_of_their_instance_types():
+    pools = ["c5.large", "c6i.large"]
+    c = parse_config(with_(LAUNCH_API="fleet", MAX_BID="0.2", SLAVE_MULTIPLIER=3, SLAVE_GROUPS=[
+        {"INSTANCE_TYPE": "c5.large", "COUNT": 2.0, "INSTANCE_TYPES": pools},
+        {"INSTANCE_TYPE": "m5.large", "COUNT": 1, "MAX_BID": 1, "MULTIPLIER": 2}]))
+    pools.append("m6i.large")
+    assert c["SLAVE_GROUPS"] == [
+        {"INSTANCE_TYPE": "c5.large", "COUNT": 2, "MAX_BID": 0.2, "MULTIPLIER": 3,
+         "INSTANCE_TYPES": ["c5.large", "c6i.large"]},
+        {"INSTANCE_TYPE": "m5.large", "COUNT": 1, "MAX_BID": 1.0, "MULTIPLIER": 2},
+    ]
+    assert type(c["SLAVE_GROUPS"][0]["COUNT"]) is int and c["NUM_SLAVES"] == 3
