@@ -278,8 +278,8 @@ def test_a_slave_interrupted_mid_job(e2e: E2eEnv, converged: Converged) -> None:
     print(f"interrupted slave: job, replacement, job on it: {time.monotonic() - started:.1f} s")
     if job is None:
         pytest.xfail("the job running on the interrupted slave did not finish within 150 s "
-                     "(seen in 1 of 3 runs: Disco stuck after map_shuffle, a task on a "
-                     "surviving host never ends)")
+                     "(seen in both full-module runs, never when run alone: Disco stuck after "
+                     "map_shuffle, a task on a surviving host never ends)")
 
 
 def disco_table(master_ip: str, port: int) -> set[str]:
@@ -335,7 +335,8 @@ def scale_down_during_a_job(e2e: E2eEnv, done: Converged, slaves: int, name: str
 
 
 def test_scale_up_then_down_while_disco_runs(e2e: E2eEnv, converged: Converged) -> None:
-    """2 -> 4 slaves: Disco connects the new ones and a job finishes map tasks on them.
+    """2 -> 4 slaves: Disco connects the new ones and a job finishes map tasks on them
+    (on at least one: where the chunks landed decides).
     4 -> 2 while a job runs: every leaving slave is out of Disco's live host table when its
     instance is terminated (the plan applies the smaller table first), and the job that was
     running gives exact counts."""
@@ -355,7 +356,8 @@ def test_scale_up_then_down_while_disco_runs(e2e: E2eEnv, converged: Converged) 
     wait_connected(converged, {short_name(n) for n in live(grown)})
     job = word_count(converged, "words4", TEXTS, name="scaledup")
     assert job.counts == expected_counts(TEXTS)
-    assert new <= job.ran_on, job.ran_on
+    # which hosts get tasks follows where `ddfs chunk` put the chunks: not every new one
+    assert new & job.ran_on, job.ran_on
     print(f"\n2 -> 4 slaves and a job on the new ones: {time.monotonic() - started:.1f} s; "
           f"{job.line}; map tasks on {sorted(job.ran_on)}")
 
