@@ -6,8 +6,10 @@ through boto3 over real HTTP, exactly as the project's EC2 gateway does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -91,3 +93,40 @@ def spot_market(local_ec2: LocalEc2, ec2_env: Ec2Env) -> Iterator[SpotMarket]:
         yield market
     finally:
         market.uninstall()
+
+
+@pytest.fixture
+def calls(ec2_env: Ec2Env) -> Iterator[list[str]]:
+    """Every EC2 action that reaches the endpoint, as seen by the server itself."""
+    seen: list[str] = []
+    ec2_env.endpoint.set_http_hook(seen.append)
+    yield seen
+    ec2_env.endpoint.set_http_hook(None)
+
+
+@pytest.fixture
+def config_defaults() -> dict[str, Any]:
+    """Keys every config of a test module gets; a module overrides this fixture to change
+    them (test_fleet.py: its own TAG_KEY and LAUNCH_API "fleet")."""
+    return {}
+
+
+@pytest.fixture
+def write_config(ec2_env: Ec2Env, tmp_path: Path,
+                 config_defaults: dict[str, Any]) -> Callable[..., Path]:
+    """Write a config for the local endpoint to tmp_path/config.json and return its path;
+    keyword arguments override keys, None drops a key."""
+    path = tmp_path / "config.json"
+
+    def write(**overrides: Any) -> Path:
+        values = {
+            "AMI": ec2_env.image_id, "KEY_NAME": ec2_env.key_name,
+            "SECURITY_GROUPS": [ec2_env.security_group_id], "SUBNET_ID": ec2_env.subnet_id,
+            "TAG_KEY": "ddtest", "NUM_SLAVES": 3, "MAX_BID": "0.10",
+            "STATE_DIR": str(tmp_path / "state"), "MGMT_KEY": "", "DISCO_INSTALL": "none",
+            **config_defaults, **overrides,
+        }
+        path.write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
+        return path
+
+    return write

@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from disposabledisco.cli import main
 from disposabledisco.config import load_config
 from disposabledisco.lock import cluster_lock
@@ -22,39 +20,6 @@ from disposabledisco.lock import cluster_lock
 REPO = Path(__file__).resolve().parents[1]
 MUTATING = {"RequestSpotInstances", "RunInstances", "CreateTags", "CancelSpotInstanceRequests",
             "TerminateInstances", "DeleteTags"}
-
-
-@pytest.fixture
-def calls(ec2_env):
-    """Every EC2 action that reaches the endpoint, as seen by the server itself."""
-    seen: list[str] = []
-
-    def hook(action):
-        seen.append(action)
-        return None
-
-    ec2_env.endpoint.set_http_hook(hook)
-    yield seen
-    ec2_env.endpoint.set_http_hook(None)
-
-
-@pytest.fixture
-def write_config(ec2_env, tmp_path):
-    """Write a config for the local endpoint; keyword arguments override keys."""
-    path = tmp_path / "config.json"
-
-    def write(**overrides):
-        values = {
-            "AMI": ec2_env.image_id, "KEY_NAME": ec2_env.key_name,
-            "SECURITY_GROUPS": [ec2_env.security_group_id], "SUBNET_ID": ec2_env.subnet_id,
-            "TAG_KEY": "ddtest", "NUM_SLAVES": 3, "MAX_BID": "0.10",
-            "STATE_DIR": str(tmp_path / "state"), "MGMT_KEY": "", "DISCO_INSTALL": "none",
-        }
-        values.update(overrides)
-        path.write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
-        return path
-
-    return write
 
 
 def up(path, *extra) -> int:

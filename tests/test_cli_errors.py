@@ -51,14 +51,6 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.fixture
-def calls(ec2_env):
-    seen: list[str] = []
-    ec2_env.endpoint.set_http_hook(lambda action: seen.append(action))
-    yield seen
-    ec2_env.endpoint.set_http_hook(None)
-
-
 def write(tmp_path, values) -> str:
     path = tmp_path / "config.json"
     path.write_text(json.dumps({k: v for k, v in values.items() if v is not None}))

@@ -10,42 +10,17 @@ import re
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
 from disposabledisco import cli as cli_module
-from disposabledisco.cli import COMMAND_HELP, main
+from disposabledisco.cli import COMMAND_HELP
 from disposabledisco.config import load_config
+from tests.cli_capture import cli
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_AGAIN = "run again (or use --wait)"
-
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture
-def write_config(ec2_env, tmp_path):
-    path = tmp_path / "config.json"
-
-    def write(**overrides):
-        values = {
-            "AMI": ec2_env.image_id, "KEY_NAME": ec2_env.key_name,
-            "SECURITY_GROUPS": [ec2_env.security_group_id], "SUBNET_ID": ec2_env.subnet_id,
-            "TAG_KEY": "ddout", "NUM_SLAVES": 3, "MAX_BID": "0.10",
-            "STATE_DIR": str(tmp_path / "state"), "MGMT_KEY": "", "DISCO_INSTALL": "none",
-        }
-        values.update(overrides)
-        path.write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
-        return path
-
-    return write
 
 
 # ------------------------------------------------------------------------- verdicts

@@ -4,7 +4,6 @@ sshd nodes (1 master + 3 slaves, converged once for the module)."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -14,28 +13,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from disposabledisco.cli import main
 from disposabledisco.config import load_config
 from disposabledisco.ec2 import Ec2Gateway
 from disposabledisco.reconcile import observe
 from disposabledisco.remote import label
+from tests.cli_capture import cli
 from tests.e2e_fixtures import ClusterConfig, E2eEnv, terminate_cluster
 
 pytestmark = pytest.mark.nodes
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 def cli_process(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -6,8 +6,6 @@ Runs use `--ec2-only` (no SSH), as in test_cli_ec2.py.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from disposabledisco import ec2 as ec2_module
@@ -19,30 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def calls(ec2_env):
-    """Every EC2 action that reaches the endpoint, as seen by the server itself."""
-    seen: list[str] = []
-    ec2_env.endpoint.set_http_hook(lambda action: seen.append(action))
-    yield seen
-    ec2_env.endpoint.set_http_hook(None)
-
-
-@pytest.fixture
-def write_config(ec2_env, tmp_path):
-    path = tmp_path / "config.json"
-
-    def write(**overrides):
-        values = {
-            "AMI": ec2_env.image_id, "KEY_NAME": ec2_env.key_name,
-            "SECURITY_GROUPS": [ec2_env.security_group_id], "SUBNET_ID": ec2_env.subnet_id,
-            "TAG_KEY": "ddfleet", "NUM_SLAVES": 3, "MAX_BID": "0.10", "LAUNCH_API": "fleet",
-            "STATE_DIR": str(tmp_path / "state"), "MGMT_KEY": "", "DISCO_INSTALL": "none",
-        }
-        values.update(overrides)
-        path.write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
-        return path
-
-    return write
+def config_defaults():
+    """Every config here launches by CreateFleet under its own tag key."""
+    return {"TAG_KEY": "ddfleet", "LAUNCH_API": "fleet"}
 
 
 def up(path, *extra) -> int:

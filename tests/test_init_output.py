@@ -4,30 +4,21 @@ placeholders; `--json` gets a JSON error object even for a usage error found bef
 
 from __future__ import annotations
 
-import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 from jsonschema import Draft202012Validator
 
-from disposabledisco.cli import main
 from disposabledisco.config import (
     PLACEHOLDER_AMI,
     PLACEHOLDER_KEY_NAME,
     load_config,
     load_schema,
 )
+from tests.cli_capture import cli
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLEexampleEXAMPLEexampleEXAMPLEexampl you@host"
-
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
