@@ -155,6 +155,7 @@ class Ec2Gateway:
         self._vcpus: dict[str, int] = {}
         self._our_requests: set[str] = set()  # see observe(): the only ids writes accept
         self._our_instances: set[str] = set()
+        self._templates: set[str] = set()  # launch templates known to exist (this process)
 
     @property
     def client(self) -> Any:
@@ -317,6 +318,7 @@ class Ec2Gateway:
 
         Named after its content, so a changed spec gets a new template and an existing one
         is simply reused; created once, tagged in the creating call like everything else.
+        Asked for once per gateway: the slave groups of one pass share one template.
         """
         spec = self._launch_spec("")
         for key in ("InstanceType", "SubnetId", "Placement"):
@@ -324,6 +326,8 @@ class Ec2Gateway:
         digest = hashlib.sha256(json.dumps([self.config.tag_key, role, spec],
                                            sort_keys=True).encode()).hexdigest()[:20]
         name = f"disposabledisco-{digest}"
+        if name in self._templates:
+            return name
         try:
             with self._errors():
                 self.client.create_launch_template(
@@ -332,6 +336,7 @@ class Ec2Gateway:
         except AwsError as error:
             if error.code != "InvalidLaunchTemplateName.AlreadyExistsException":
                 raise
+        self._templates.add(name)
         return name
 
     def _create_fleet(self, role: str, group: str, count: int, bid: float | None, token: str,

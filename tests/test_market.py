@@ -8,6 +8,8 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from disposabledisco.config import load_config
+from disposabledisco.ec2 import Ec2Gateway
 from disposabledisco.sandbox.market import SpotMarket
 from tests.ec2_fixtures import Ec2Env
 
@@ -579,3 +581,19 @@ def test_uninstall_gives_moto_back(ec2_env: Ec2Env, local_ec2: Any) -> None:
     (req,) = request_spot(ec2, ec2_env)
     assert req["State"] == "active"  # moto's own immediate fulfilment
     assert market.calls["RequestSpotInstances"] == 0
+
+
+def test_fleet_launches_of_one_gateway_create_each_launch_template_once(
+        ec2_env: Ec2Env, spot_market: SpotMarket, write_config: Any, calls: list[str]) -> None:
+    """Two slave groups share the slave template: one CreateLaunchTemplate for them, not two."""
+    path = write_config(TAG_KEY="ddlt", LAUNCH_API="fleet", NUM_SLAVES=None, SLAVE_GROUPS=[
+        {"INSTANCE_TYPE": "m5.large", "COUNT": 1}, {"INSTANCE_TYPE": "c5.xlarge", "COUNT": 1}])
+    gateway = Ec2Gateway(load_config(path))
+    gateway.launch("slave", "m5.large", "m5.large", 1, "spot", 0.5, "token-a")
+    gateway.launch("slave", "c5.xlarge", "c5.xlarge", 1, "spot", 0.5, "token-b")
+    gateway.launch("master", "master", "m5.large", 1, "spot", 0.5, "token-c")
+    assert calls.count("CreateFleet") == 3
+    assert calls.count("CreateLaunchTemplate") == 2  # slave (once), master
+    names = [t["LaunchTemplateName"] for t in
+             ec2_env.client().describe_launch_templates()["LaunchTemplates"]]
+    assert len(names) == 2
