@@ -414,13 +414,15 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--timeout only goes with --wait: add --wait or drop --timeout")
     if args.command in REMOTE_COMMANDS:
         _check_remote_command(args)
+    if carried := carry_over_pins(config):
+        print(f"carried {remote.plural(carried, 'pinned host key')} over from "
+              f"{config.legacy_state_dir} to {config.state_dir}", file=sys.stderr)
+    if args.command == "forget-host-key":  # only touches a pin: no EC2 call to prepare
+        return cmd_forget(config, args)
     desired_state(config)  # reads a local DISCO_TARBALL: fail before any EC2 call
     stale = sandbox_not_running(args.config, config.endpoint_url)
     if stale:  # a stale sandbox.json: say so now, not after botocore's long retries
         return _fail(args, f"disposabledisco: {stale}", EXIT_FAILED)
-    if carried := carry_over_pins(config):
-        print(f"carried {remote.plural(carried, 'pinned host key')} over from "
-              f"{config.legacy_state_dir} to {config.state_dir}", file=sys.stderr)
     _region_note(config)
     return COMMANDS[args.command](config, args)
 
@@ -777,8 +779,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Any] = {"up": cmd_up, "status": cmd_status, "down": cmd_down,
                             "doctor": cmd_doctor, "ssh": cmd_ssh, "exec": cmd_exec,
-                            "put": cmd_put, "get": cmd_get, "tunnel": cmd_tunnel,
-                            "forget-host-key": cmd_forget}
+                            "put": cmd_put, "get": cmd_get, "tunnel": cmd_tunnel}
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -73,14 +74,18 @@ def market_cluster(write_config, spot_market, slaves: int) -> str:
     return path
 
 
-def test_status_shows_live_nodes_and_history_only_with_all(write_config, spot_market) -> None:
+def test_status_shows_live_nodes_and_history_only_with_all(write_config, spot_market,
+                                                           calls) -> None:
     path = market_cluster(write_config, spot_market, 2)
     code, out, _ = cli("status", path)
     rows = [ln for ln in out.splitlines() if ln.startswith(("master", "slave"))]
     assert len(rows) == 3 and "ended" not in out and "not shown" not in out
     assert cli("down", path, "--yes")[0] in (0, 10)
 
+    calls.clear()
     code, out, _ = cli("status", path)
+    print("status EC2 calls, nothing live:", calls)
+    assert "DescribeSpotPriceHistory" not in calls  # no live spot node: no price to show
     assert [ln for ln in out.splitlines() if ln.startswith(("master", "slave"))] == []
     assert "3 ended requests or instances not shown (not billed): --all lists them" in out
     assert "cost: nothing is billed now (no instance is running)" in out
@@ -90,10 +95,13 @@ def test_status_shows_live_nodes_and_history_only_with_all(write_config, spot_ma
     assert not [r for r in rows if "running" in r] and "not shown" not in out
 
 
-def test_status_costs_at_the_current_spot_price(write_config, spot_market) -> None:
+def test_status_costs_at_the_current_spot_price(write_config, spot_market, calls) -> None:
     spot_market.set_price("m5.large", 0.0312)
     path = market_cluster(write_config, spot_market, 3)
+    calls.clear()
     code, out, _ = cli("status", path)
+    print("status EC2 calls:", calls)
+    assert calls.count("DescribeSpotPriceHistory") == 1, calls  # one call for every type
     rows = [ln for ln in out.splitlines() if ln.startswith(("master", "slave"))]
     assert len(rows) == 4 and all("0.0312/h (bid 0.10)" in r for r in rows), out
     assert "cost: 4 billed nodes, 0.1248 USD/hour at current spot prices" in out
@@ -161,6 +169,19 @@ def test_config_errors_name_the_file_once_and_json_gets_an_object(tmp_path: Path
     missing = tmp_path / "none.json"
     code, _, err = cli("validate", str(missing))
     assert code == 2 and err.startswith(f"{missing}: the config file does not exist; "), err
+
+
+def test_forget_host_key_needs_no_ec2_endpoint(write_config, calls) -> None:
+    """forget-host-key only removes a pin: a config whose sandbox endpoint is gone must
+    not stop it (nor must it probe the endpoint or call EC2)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    path = str(write_config(ENDPOINT_URL=closed))
+    assert cli("status", path)[0] == 1  # the stale endpoint is said for an EC2 command
+    code, out, err = cli("forget-host-key", path, "i-0123456789abcdef0")
+    assert (code, err) == (0, ""), err
+    assert out.startswith("no host key is pinned for i-0123456789abcdef0") and calls == []
 
 
 def test_validate_says_node_in_plain_english(write_config) -> None:
