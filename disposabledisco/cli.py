@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from . import __version__, remote
 from .bootstrap import BootstrapError
+from .cluster import Cluster, Node
 from .config import Config, ConfigError, default_config, load_config
 from .ec2 import AwsError, Ec2Gateway
 from .lock import LockHeld, cluster_lock
@@ -575,12 +576,11 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     return EXIT_CONVERGED if ready else EXIT_PROGRESSING
 
 
-def spot_prices(ec2: Ec2Gateway, cluster: Any) -> dict[tuple[str, str], float]:
-    """The current spot price per (instance type, zone) of the live spot nodes; empty
-    when EC2 will not say (the table then shows the bid as the most a node may cost)."""
+def spot_prices(ec2: Ec2Gateway, cluster: Cluster) -> dict[str, float]:
+    """The current spot price per instance type of the live spot nodes (no EC2 call when
+    there is none); empty when EC2 will not say (the table then shows the bid as the most
+    a node may cost)."""
     types = {n.instance_type for n in cluster.nodes if n.is_live and n.market == "spot"}
-    if not types:
-        return {}
     try:
         return ec2.spot_prices(types)
     except AwsError as error:
@@ -665,7 +665,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
 
-def _cluster(config: Config) -> tuple[Ec2Gateway, Any]:
+def _cluster(config: Config) -> tuple[Ec2Gateway, Cluster]:
     ec2 = Ec2Gateway(config)
     return ec2, observe(config, ec2)
 
@@ -677,7 +677,7 @@ def cmd_ssh(config: Config, args: argparse.Namespace) -> int:
                      remote.ssh_argv(config, node, args.remote_command or ()))
 
 
-def _exec_ssh(config: Config, ec2: Ec2Gateway, cluster: Any, node: Any,
+def _exec_ssh(config: Config, ec2: Ec2Gateway, cluster: Cluster, node: Node,
               argv: list[str]) -> int:
     """Replace this process with the system ssh, the node's key pinned beforehand."""
     remote.ensure_pinned(config, ec2, node)
