@@ -28,12 +28,9 @@ from disposabledisco.ec2 import Ec2Gateway, NotOurs
 from disposabledisco.plan import plan, plan_down
 from disposabledisco.reconcile import PassReport
 from disposabledisco.report import foreign_warning, pass_json, status_table
-from tests import test_cli_ec2
 from tests.test_cli_ec2 import MUTATING, REPO, converge_ec2, live
 from tests.test_plan import config as plan_config
 
-calls = test_cli_ec2.calls  # the fixtures of the EC2 CLI tests, shared
-write_config = test_cli_ec2.write_config
 TAG = "ddtest"  # write_config's TAG_KEY
 WARNING = "not this cluster's and"  # "is not ... is left alone" or "are not ... are"
 
