@@ -284,46 +284,40 @@ def _not_ours(resource_id: str, kind: str, tags: Mapping[str, Any], tag_key: str
 
 def _clean_all(records: Iterable[Any], clean: Any, kind: str,
                foreign: list[Foreign]) -> dict[str, dict]:
-    """Clean each record; one that cannot be read at all is listed as foreign, not raised."""
+    """Clean each record; one that cannot be read at all is listed as foreign, not raised.
+
+    Of records repeating an id the first one counts.
+    """
+    id_key = "InstanceId" if kind == "instance" else "SpotInstanceRequestId"
     cleaned: dict[str, dict] = {}
     for record in records or ():
-        result = clean(record)
-        if isinstance(result, str):
-            id_key = "InstanceId" if kind == "instance" else "SpotInstanceRequestId"
-            found = record.get(id_key) if isinstance(record, Mapping) else None
-            foreign.append(Foreign(found if isinstance(found, str) and found else "?", kind,
-                                   None, f"malformed record: {result}"))
-        else:
-            cleaned.setdefault(result["id"], result)  # a repeated id: the first one counts
+        if not isinstance(record, Mapping):
+            foreign.append(Foreign("?", kind, None,
+                                   f"malformed record: not a mapping ({type(record).__name__})"))
+            continue
+        record_id = _text(record.get(id_key))
+        if record_id is None:
+            foreign.append(Foreign("?", kind, None, f"malformed record: no {id_key}"))
+            continue
+        cleaned.setdefault(record_id, {"id": record_id, "tags": _tag_map(record.get("Tags")),
+                                       **clean(record)})
     return cleaned
 
 
-def _clean_request(raw: Any) -> dict | str:
-    """A DescribeSpotInstanceRequests entry with every field we use typed, or what is wrong."""
-    if not isinstance(raw, Mapping):
-        return f"not a mapping ({type(raw).__name__})"
-    request_id = _text(raw.get("SpotInstanceRequestId"))
-    if request_id is None:
-        return "no SpotInstanceRequestId"
+def _clean_request(raw: Mapping) -> dict:
+    """A DescribeSpotInstanceRequests entry's fields we use, typed (unknown: None)."""
     spec = _mapping(raw.get("LaunchSpecification"))
     status = _mapping(raw.get("Status"))
-    return {"id": request_id, "tags": _tag_map(raw.get("Tags")),
-            "instance_id": _text(raw.get("InstanceId")), "state": _text(raw.get("State")),
+    return {"instance_id": _text(raw.get("InstanceId")), "state": _text(raw.get("State")),
             "type": _text(raw.get("Type")), "status_code": _text(status.get("Code")),
             "bid": _price(raw.get("SpotPrice")),
             "instance_type": _text(spec.get("InstanceType")),
             "image_id": _text(spec.get("ImageId")), "created": _moment(raw.get("CreateTime"))}
 
 
-def _clean_instance(raw: Any) -> dict | str:
-    """A DescribeInstances entry with every field we use typed, or what is wrong."""
-    if not isinstance(raw, Mapping):
-        return f"not a mapping ({type(raw).__name__})"
-    instance_id = _text(raw.get("InstanceId"))
-    if instance_id is None:
-        return "no InstanceId"
-    return {"id": instance_id, "tags": _tag_map(raw.get("Tags")),
-            "request_id": _text(raw.get("SpotInstanceRequestId")),
+def _clean_instance(raw: Mapping) -> dict:
+    """A DescribeInstances entry's fields we use, typed (unknown: None)."""
+    return {"request_id": _text(raw.get("SpotInstanceRequestId")),
             "state": _text(_mapping(raw.get("State")).get("Name")),
             "instance_type": _text(raw.get("InstanceType")),
             "lifecycle": _text(raw.get("InstanceLifecycle")),
