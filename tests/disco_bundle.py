@@ -1,17 +1,26 @@
-"""Where the `disco` tier finds a Disco source bundle: one rule for every test module.
+"""The `disco` tier's Disco: where the source bundle is found, and its one build per session.
 
 `DISCO_SOURCE` when set; else the first `shared/vendor/disco-*-src.tar.gz` beside the
 checkout or beside one of its parent folders (`../shared/vendor` for a clone next to the
 shared folder, further up for a clone nested deeper). The tier skips with the reason when
-there is none.
+there is none. `vendor_build` builds that bundle once per session for every module that
+needs the installed tree (a fixture imported into several modules would run once per
+module: one build each).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from disposabledisco.disco_source import build_script, bundle_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,3 +54,55 @@ def source_bundle() -> Path:
         pytest.skip(f"no Disco source bundle in {vendor_folders()[0]} (or a shared/vendor "
                     "folder further up) and DISCO_SOURCE unset")
     return bundle
+
+
+BUILD_TOOLS = ("erl", "rebar", "make", "git", "python3", "tar", "shellcheck")
+
+
+def need_tools(*tools: str) -> None:
+    """Skip unless root and every tool is on PATH: the build and the job run need both."""
+    if os.geteuid() != 0:
+        pytest.skip("the Disco build and job run need root")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"missing tools: {', '.join(missing)} (see .ci/apt-packages.txt)")
+
+
+@dataclass
+class Build:
+    returncode: int
+    stderr: str
+    seconds: float
+
+
+def write_build_script(folder: Path) -> Path:
+    """The product's rendered build script, written into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "disco_build.sh"
+    path.write_text(build_script())
+    return path
+
+
+def run_build(script: Path, bundle: Path, out: Path, sha: str | None = None) -> Build:
+    """Run the build as a node would over SSH: the script on stdin of `bash -s`."""
+    started = time.monotonic()
+    result = subprocess.run(["bash", "-s", "--", str(bundle), sha or bundle_sha256(bundle),
+                             str(out)], input=script.read_text(), capture_output=True,
+                            text=True, timeout=600, check=False)
+    return Build(result.returncode, result.stderr, time.monotonic() - started)
+
+
+@functools.cache
+def _build_once(basetemp: Path) -> tuple[Path, Build, Path]:
+    bundle = source_bundle()
+    out = basetemp / "disco-vendor-build" / "out"
+    build = run_build(write_build_script(out.parent), bundle, out)
+    assert build.returncode == 0, build.stderr
+    print(f"\nDisco build: {build.seconds:.1f} s")
+    return out / f"disco-installed-{bundle_sha256(bundle)}.tar.gz", build, out
+
+
+def vendor_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Build, Path]:
+    """The vendor bundle built once per session: (installed tarball, the build, its folder)."""
+    need_tools(*BUILD_TOOLS)
+    return _build_once(tmp_path_factory.getbasetemp())

@@ -25,55 +25,31 @@ import pytest
 
 from disposabledisco import disco_fixes, disco_source
 from disposabledisco.disco_source import PINS, BundleError, assemble_bundle, bundle_sha256
-from tests.disco_bundle import source_bundle
+from tests.disco_bundle import (
+    BUILD_TOOLS,
+    Build,
+    need_tools,
+    run_build,
+    source_bundle,
+    vendor_build,
+    write_build_script,
+)
 
 pytestmark = pytest.mark.disco
 
-BUILD_TOOLS = ("erl", "rebar", "make", "git", "python3", "tar", "shellcheck")
 JOB_TOOLS = ("unshare", "ip", "chroot", "mount")
-
-
-def need_tools(*tools: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("the Disco build and job run need root")
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"missing tools: {', '.join(missing)} (see .ci/apt-packages.txt)")
-
-
-@dataclass
-class Build:
-    returncode: int
-    stderr: str
-    seconds: float
-
-
-def run_build(script: Path, bundle: Path, out: Path, sha: str | None = None) -> Build:
-    """Run the build as a node would over SSH: the script on stdin of `bash -s`."""
-    started = time.monotonic()
-    result = subprocess.run(["bash", "-s", "--", str(bundle), sha or bundle_sha256(bundle),
-                             str(out)], input=script.read_text(), capture_output=True,
-                            text=True, timeout=600, check=False)
-    return Build(result.returncode, result.stderr, time.monotonic() - started)
 
 
 @pytest.fixture(scope="module")
 def build_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
     need_tools(*BUILD_TOOLS)
-    path = tmp_path_factory.mktemp("script") / "disco_build.sh"
-    path.write_text(disco_source.build_script())
-    return path
+    return write_build_script(tmp_path_factory.mktemp("script"))
 
 
 @pytest.fixture(scope="module")
-def built(build_script: Path, tmp_path_factory: pytest.TempPathFactory
-          ) -> tuple[Path, Build, Path]:
-    """The vendor bundle built once for the module: (tarball, the build, output folder)."""
-    bundle = source_bundle()
-    out = tmp_path_factory.mktemp("built") / "out"
-    build = run_build(build_script, bundle, out)
-    assert build.returncode == 0, build.stderr
-    tarball = out / f"disco-installed-{bundle_sha256(bundle)}.tar.gz"
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Build, Path]:
+    """The vendor bundle's one build of the session: (tarball, the build, output folder)."""
+    tarball, build, out = vendor_build(tmp_path_factory)
     print(f"\nbuild: {build.seconds:.1f} s, installed tarball {tarball.stat().st_size} bytes")
     return tarball, build, out
 

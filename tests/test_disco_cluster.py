@@ -34,13 +34,12 @@ from pathlib import Path
 
 import pytest
 
-from disposabledisco import disco_source
 from disposabledisco.cluster import Node
 from disposabledisco.config import load_config
 from disposabledisco.disco import short_name
-from disposabledisco.disco_source import bundle_sha256
+from tests.disco_bundle import vendor_build
 from tests.e2e_fixtures import ClusterConfig, E2eEnv
-from tests.test_disco_build import BUILD_TOOLS, JOB_PY, WORDS, need_tools, run_build, source_bundle
+from tests.test_disco_build import JOB_PY, WORDS
 from tests.test_e2e_cluster import (  # noqa: F401 - gateways is a fixture used here
     assert_quiet_pass,
     cli,
@@ -62,16 +61,8 @@ TEXTS = ["\n".join(" ".join(WORDS[(i * 5 + j * 3 + k) % len(WORDS)] for j in ran
 
 @pytest.fixture(scope="session")
 def installed_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The vendor bundle built once per session by the product's build step."""
-    need_tools(*BUILD_TOOLS)
-    bundle = source_bundle()
-    script = tmp_path_factory.mktemp("disco-build") / "disco_build.sh"
-    script.write_text(disco_source.build_script())
-    out = tmp_path_factory.mktemp("disco-installed") / "out"
-    build = run_build(script, bundle, out)
-    assert build.returncode == 0, build.stderr
-    print(f"\nDisco build: {build.seconds:.1f} s")
-    return out / f"disco-installed-{bundle_sha256(bundle)}.tar.gz"
+    """The installed tree of the session's one build of the vendor bundle."""
+    return vendor_build(tmp_path_factory)[0]
 
 
 @dataclass
