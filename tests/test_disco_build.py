@@ -348,6 +348,15 @@ disco stop
 '''
 
 
+def run_namespaced(folder: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`folder/outer.sh FOLDER` as PID 1 of new mount, network, UTS and PID namespaces:
+    everything Disco started there dies with it, the machine sees none of it."""
+    return subprocess.run(
+        ["unshare", "--mount", "--net", "--uts", "--pid", "--fork", "--kill-child",
+         "--mount-proc", "bash", str(folder / "outer.sh"), str(folder)],
+        capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def test_word_count_runs_on_the_built_tree(built: tuple[Path, Build, Path],
                                            tmp_path: Path) -> None:
     need_tools(*JOB_TOOLS)
@@ -361,10 +370,7 @@ def test_word_count_runs_on_the_built_tree(built: tuple[Path, Build, Path],
     for name, text in zip(("a.txt", "b.txt"), TEXTS, strict=True):
         (tmp_path / "job" / name).write_text(text)
     started = time.monotonic()
-    result = subprocess.run(
-        ["unshare", "--mount", "--net", "--uts", "--pid", "--fork", "--kill-child",
-         "--mount-proc", "bash", str(tmp_path / "outer.sh"), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, check=False)
+    result = run_namespaced(tmp_path, timeout=300)
     seconds = time.monotonic() - started
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
