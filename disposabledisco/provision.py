@@ -180,7 +180,8 @@ class Provisioner:
     # -- membership ------------------------------------------------------------------
 
     def apply_membership(self, master: Node, members: list[Node]) -> Outcome[AppliedTable]:
-        """/etc/hosts on every member, then the master's host table file and live table."""
+        """/etc/hosts on every member, then the master's host table file and live table.
+        One SSH session per member: the master's hosts and table share its session."""
         started = time.monotonic()
         everyone = _unique([master, *members])
         try:
@@ -188,11 +189,15 @@ class Provisioner:
         except (KeyError, ValueError) as error:
             return _failed(f"host table: {error}")
         errors: list[tuple[str, str]] = []
-        if self.config["MANAGE_HOSTS_FILE"]:
-            results = self._parallel(everyone, lambda s: _write_hosts(s, everyone))
+        manage_hosts = self.config["MANAGE_HOSTS_FILE"]
+        if manage_hosts:
+            others = [n for n in everyone if n.instance_id != master.instance_id]
+            results = self._parallel(others, lambda s: _write_hosts(s, everyone))
             errors += [(o.error, o.fault) for o in results.values() if not o.ok]
         try:
             with self.ssh.connect(self._target(master)) as session:
+                if manage_hosts:
+                    _write_hosts(session, everyone)
                 table.note = self._apply_table(session, master, table)
         except SshError as error:
             errors.append((str(error), fault_of(error)))

@@ -141,9 +141,12 @@ def test_bootstrap_join_membership_and_doctor(cluster, node_farm: NodeFarm,  # n
     prov, nodes, config = cluster(PIP_REQUIREMENTS=["pip"])
     master, slaves = nodes[0], nodes[1:]
 
+    sessions = prov.ssh.sessions_opened
     started = time.monotonic()
     outcomes = prov.bootstrap(nodes)
     all_ok(outcomes)
+    # one SSH session per node and step (bootstrap, join, membership), none twice
+    assert prov.ssh.sessions_opened - sessions == len(nodes)
     took = time.monotonic() - started
     print(f"\nbootstrap of 3 nodes: {took:.2f} s; per node: "
           + ", ".join(f"{o.seconds:.2f} s" for o in outcomes.values()))
@@ -163,10 +166,12 @@ def test_bootstrap_join_membership_and_doctor(cluster, node_farm: NodeFarm,  # n
     with ProcessWatcher(node_farm, nodes) as watcher:
         joined = prov.join(master, slaves)
     all_ok(joined)
+    assert prov.ssh.sessions_opened - sessions == 2 * len(nodes)
     assert {o.value for o in joined.values()} == {master.instance_id}
 
     membership = prov.apply_membership(master, nodes)
     assert membership.ok, membership.error
+    assert prov.ssh.sessions_opened - sessions == 3 * len(nodes)
     # master first, then by short name (ip-…-10 sorts before ip-…-9)
     expected_table = [[disco.short_name(n), str(VCPUS)]
                       for n in [master, *sorted(nodes[1:], key=disco.short_name)]]
