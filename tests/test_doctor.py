@@ -252,6 +252,7 @@ from tests.test_disco_build import (  # noqa: E402 - fixtures of the disco tier
     build_script,  # noqa: F401 - `built` needs it
     built,  # noqa: F401
     need_tools,
+    run_namespaced,
 )
 
 HOST = "ip-127-0-1-1"   # the namespace's host name: an EC2-style short name, like a node's
@@ -339,10 +340,7 @@ def test_doctor_job_script_against_a_real_disco(built: tuple[Path, Build, Path],
     line = job_line("5eed")
     (tmp_path / "job" / "line.txt").write_text(line)
     started = time.monotonic()
-    result = subprocess.run(
-        ["unshare", "--mount", "--net", "--uts", "--pid", "--fork", "--kill-child",
-         "--mount-proc", "bash", str(tmp_path / "outer.sh"), str(tmp_path)],
-        capture_output=True, text=True, timeout=400, check=False)
+    result = run_namespaced(tmp_path, timeout=400)
     seconds = time.monotonic() - started
     out = sections(result.stdout)
     assert "end" in out, result.stdout + result.stderr
