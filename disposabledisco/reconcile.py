@@ -312,12 +312,9 @@ class _Applier:
         try:
             outcomes = self.nodes.join(self.by_id[action.master_id], slaves)
         except (SshError, ValueError) as error:  # the master failed, not the slaves
-            failed = _Failed(str(error), fault=fault_of(error))
-            self._record_failures({action.master_id: failed})
-            return ActionResult(action, False, f"master {action.master_id}: {error}",
-                                node_errors={action.master_id: self._explain(
-                                    action.master_id, failed)},
-                                faults={action.master_id: failed.fault})
+            failed = {action.master_id: _Failed(str(error), fault=fault_of(error))}
+            self._record_failures(failed)
+            return self._node_result(action, failed, f"master {action.master_id}: {error}")
         self._record_failures(outcomes)
         done = [i for i, o in outcomes.items() if o.ok]
         for instance_id in done:  # each value names the slave's own pinned key
@@ -363,13 +360,14 @@ class _Applier:
             self.ec2.tag([instance_id], tags)
             self.by_id[instance_id] = replace(node, tags={**node.tags, **tags})
 
-    def _node_result(self, action: Action, outcomes: dict[str, Any]) -> ActionResult:
-        errors = {i: self._explain(i, o) for i, o in outcomes.items() if not o.ok}
-        done = len(outcomes) - len(errors)
-        return ActionResult(action, not errors, f"{done} of {len(outcomes)} done",
-                            node_errors=errors,
-                            faults={i: getattr(o, "fault", "node") for i, o in outcomes.items()
-                                    if not o.ok})
+    def _node_result(self, action: Action, outcomes: dict[str, Any],
+                     detail: str = "") -> ActionResult:
+        """The result of node work: each failed node's explanation and fault class."""
+        failed = {i: o for i, o in outcomes.items() if not o.ok}
+        done = len(outcomes) - len(failed)
+        return ActionResult(action, not failed, detail or f"{done} of {len(outcomes)} done",
+                            node_errors={i: self._explain(i, o) for i, o in failed.items()},
+                            faults={i: getattr(o, "fault", "node") for i, o in failed.items()})
 
     def _explain(self, instance_id: str, outcome: Any) -> str:
         """The failure for the report: what the operator must do when it is not the
@@ -407,10 +405,8 @@ class _Applier:
         outcome = self.nodes.apply_membership(master, [master, *slaves])
         self._record_failures({action.master_id: outcome})
         if not outcome.ok:
-            return ActionResult(action, False, outcome.error or "failed",
-                                node_errors={action.master_id: self._explain(
-                                    action.master_id, outcome)},
-                                faults={action.master_id: getattr(outcome, "fault", "node")})
+            return self._node_result(action, {action.master_id: outcome},
+                                     outcome.error or "failed")
         self.ec2.tag([action.master_id], {TAG_HOSTS: digest})
         self.by_id[action.master_id] = _with_tag(master, TAG_HOSTS, digest)
         # what the master said besides (provision.AppliedTable.note: a restart of Disco)

@@ -147,6 +147,7 @@ class FakeWorker:
     def __init__(self, failing: set[str] = frozenset(), master_raises: bool = False) -> None:
         self.failing = set(failing)
         self.master_raises = master_raises
+        self.master_fault = "node"
         self.error: str | None = "connection refused"
         self.calls: list[tuple[str, tuple[str, ...]]] = []
 
@@ -162,7 +163,9 @@ class FakeWorker:
     def join(self, master, slaves):
         self.calls.append(("join", (master.instance_id, *(s.instance_id for s in slaves))))
         if self.master_raises:
-            raise SshError(None, f"{master.instance_id}: connection refused")
+            error = SshError(None, f"{master.instance_id}: connection refused")
+            error.fault = self.master_fault  # what ssh.fault_of reads
+            raise error
         return {s.instance_id: self._outcome(s.instance_id) for s in slaves}
 
     def apply_membership(self, master, members):
@@ -552,6 +555,23 @@ def test_a_master_that_raises_on_join_is_reported_with_its_error(tmp_path):
     assert join.ok is False and join.action is report.plan.actions[0]
     assert join.detail == f"master {master}: {master}: connection refused"
     assert join.node_errors == {master: f"{master}: connection refused"}
+    assert join.faults == {master: "node"} and not join.needs_the_operator
+    assert [w[1] for w in failure_tags(ec2)] == [(master,)]
+
+
+def test_a_master_join_refused_for_its_host_key_needs_the_operator(tmp_path):
+    """The fault class of a raised master failure reaches the result: not counted, and
+    the operator is told (what keeps the CLI from waiting for another pass)."""
+    cfg, ec2 = config(tmp_path), FakeEc2()
+    digests = reconcile.desired_state(cfg).bootstrap
+    master = ec2.add_instance("master", **{TAG_BOOTSTRAP: digests["master"]})
+    ec2.add_instance("slave", **{TAG_BOOTSTRAP: digests["slave"]})
+    worker = FakeWorker(master_raises=True)
+    worker.master_fault = "hostkey"
+    join = result_of(run(cfg, ec2, worker), Join)
+    assert join.faults == {master: "hostkey"} and join.needs_the_operator
+    assert "forget-host-key" in join.node_errors[master]
+    assert failure_tags(ec2) == []
 
 
 def test_a_node_error_without_words_reads_failed(tmp_path):
@@ -569,6 +589,7 @@ def test_a_node_error_without_words_reads_failed(tmp_path):
     assert (membership.ok, membership.detail) == (False, "failed")
     assert membership.ok is False
     assert membership.node_errors == {master: "failed\nlast log line"}
+    assert membership.faults == {master: "node"}
 
 
 def test_membership_failure_detail_is_the_node_error(tmp_path):
