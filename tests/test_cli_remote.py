@@ -21,6 +21,7 @@ from disposabledisco.config import load_config
 from disposabledisco.ec2 import Ec2Gateway
 from disposabledisco.reconcile import observe
 from disposabledisco.remote import label
+from disposabledisco.ssh import SshGateway
 from tests.cli_capture import cli
 from tests.e2e_fixtures import ClusterConfig, E2eEnv, terminate_cluster
 
@@ -75,6 +76,31 @@ def test_exec_fails_when_one_node_fails_and_names_it(cluster) -> None:
     codes = {n["node"]: n["exit_code"] for n in report["nodes"]}
     assert len(codes) == 3 and codes.pop(victim) == 1 and set(codes.values()) == {0}
     assert {(n["stdout"], n["stderr"]) for n in report["nodes"]} == {("out\n", "err\n")}
+
+
+def test_exec_put_get_open_one_ssh_session_per_node(cluster, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    """On 1 + 3 nodes each of exec, put and get opens 4 SSH sessions (one per node, no
+    pinning connection first: every node is pinned by `up`) after 2 EC2 reads."""
+    cfg, _, _ = cluster
+    sessions: list[str] = []
+    real = SshGateway.connect
+
+    def counting(self, target, **kwargs):
+        sessions.append(target.instance_id)
+        return real(self, target, **kwargs)
+
+    monkeypatch.setattr(SshGateway, "connect", counting)
+    local = tmp_path / "one.txt"
+    local.write_text("1\n")
+    for argv in (["exec", str(cfg.path), "--", "true"],
+                 ["put", str(cfg.path), str(local), "/tmp/dd-one.txt"],
+                 ["get", str(cfg.path), "/tmp/dd-one.txt", str(tmp_path / "got")]):
+        sessions.clear()
+        code, out, err = cli(*argv)
+        assert code == 0, out + err
+        print(argv[0], "SSH sessions:", len(sessions))
+        assert len(sessions) == len(set(sessions)) == 4, (argv[0], sessions)
 
 
 def test_exec_quotes_every_word(cluster) -> None:
