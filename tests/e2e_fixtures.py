@@ -30,6 +30,7 @@ import random
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,8 +38,9 @@ import pytest
 
 from disposabledisco.config import load_config
 from disposabledisco.sandbox.endpoint import LocalEc2
+from disposabledisco.sandbox.loopback import subnet_in_use
 from disposabledisco.sandbox.market import SpotMarket
-from disposabledisco.sandbox.nodes import NodeFarm, generate_ed25519_key, port_open
+from disposabledisco.sandbox.nodes import NodeFarm, generate_ed25519_key, loopback_ends
 from disposabledisco.sandbox.run import SandboxOptions, sandbox_config
 
 #: third octets of 127.10.X.0/24 tried for clusters; 127.10.0.x is the default of the
@@ -49,17 +51,16 @@ FULFIL_DELAY = 0.3
 TICK_SECONDS = 0.2
 
 
-def free_subnet(taken: set[int], probe_hosts: int = 24) -> int:
-    """A third octet whose first addresses have no listening sshd (another run's nodes)."""
+def free_subnet(taken: set[int]) -> int:
+    """A third octet of 127.10.X.0/24 that nothing on this machine uses (the sandbox's own
+    test, `subnet_in_use`), tried from a start the pid picks so that concurrent runs
+    rarely race for the same one."""
     octets = list(SUBNET_OCTETS)
     start = random.Random(os.getpid()).randrange(len(octets))
+    ends = loopback_ends()
     for octet in octets[start:] + octets[:start]:
-        if octet in taken:
-            continue
-        if any(port_open(f"127.10.{octet}.{host}", 22, timeout=0.05)
-               for host in range(4, 4 + probe_hosts)):
-            continue
-        return octet
+        if octet not in taken and not subnet_in_use(IPv4Network(f"127.10.{octet}.0/24"), ends):
+            return octet
     raise RuntimeError("no free 127.10.X.0/24 subnet for an end-to-end cluster")
 
 

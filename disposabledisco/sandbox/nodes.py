@@ -74,6 +74,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .loopback import sockets_in_use
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -83,6 +85,7 @@ __all__ = [
     "NodeFarm",
     "ec2_hostname",
     "generate_ed25519_key",
+    "loopback_ends",
     "taken_addresses",
 ]
 
@@ -414,6 +417,14 @@ def taken_addresses() -> set[str]:
         if words and words[0].startswith("127.") and "/" not in words[0]:
             taken.add(words[0])
     return taken
+
+
+def loopback_ends() -> list[tuple[ipaddress.IPv4Address, int]]:
+    """Every (address, port) in use on this machine's loopback, for `free_subnet`: our
+    namespace's sockets, and each node of any farm as port 22 of its address (nodes live
+    in namespaces of their own, so their sockets are not in ours, but their routes are)."""
+    return [*sockets_in_use(),
+            *((ipaddress.IPv4Address(address), 22) for address in taken_addresses())]
 
 
 def _reap_stale_uplinks() -> None:
