@@ -213,12 +213,14 @@ class Config:
         """How many slaves the config asks for in all."""
         return sum(g.count for g in self.slave_groups)
 
-    @property
+    @functools.cached_property
     def region(self) -> str:
         """The AWS region every EC2 call goes to, decided locally (no network).
 
         REGION, else AWS_REGION or AWS_DEFAULT_REGION, else the region of AWS_PROFILE (the
         config key, else the environment's profile) in ~/.aws/config, else us-east-1.
+        Decided once per Config: a profile's region costs a boto3 session (~4 ms, ~15
+        reads per pass), and one run must keep one region (its lock and its EC2 calls).
         """
         return self.values.get("REGION") or _environment_region(self.values.get("AWS_PROFILE"))
 

@@ -14,6 +14,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import boto3
 import pytest
 
 from disposabledisco import statefiles
@@ -77,6 +78,25 @@ def test_region_comes_from_the_environment_then_the_profile_then_us_east_1(tmp_p
     assert config(tmp_path).state_dir.name == "disco-same@eu-south-1"
 
 
+def test_a_profile_region_costs_one_boto3_session_per_config(tmp_path, clean_env):
+    """A pass reads config.region about 15 times (state folder, EC2 client, messages):
+    each read must not build a boto3 session and parse ~/.aws/config again."""
+    (tmp_path / "aws-config").write_text("[default]\nregion = sa-east-1\n")
+    sessions = []
+
+    class Counting(boto3.session.Session):
+        def __init__(self, *args, **kwargs):
+            sessions.append(kwargs.get("profile_name"))
+            super().__init__(*args, **kwargs)
+
+    clean_env.setattr(boto3.session, "Session", Counting)
+    c = config(tmp_path)
+    for _ in range(5):
+        assert c.region == "sa-east-1" and c.state_dir.name == "disco-same@sa-east-1"
+    assert sessions == [None]
+    assert config(tmp_path, REGION="eu-west-1").region == "eu-west-1" and sessions == [None]
+
+
 def test_an_endpoint_gets_its_own_folder(tmp_path, clean_env):
     aws = config(tmp_path, REGION="us-east-1").state_dir
     local = config(tmp_path, REGION="us-east-1", ENDPOINT_URL="http://127.0.0.1:5000")
@@ -99,7 +119,6 @@ def test_state_dir_name_stays_short_for_the_longest_tag_key(tmp_path, clean_env)
     c = config(tmp_path, TAG_KEY="x/" * 64, REGION="us-gov-west-1",
                ENDPOINT_URL="http://127.0.0.1:5000")
     assert len(c.state_dir.name) < 200 and "/" not in c.state_dir.name
-
 
 
 def test_a_run_in_another_region_is_not_blocked_by_the_lock(ec2_env, tmp_path):
