@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from disposabledisco import disco_fixes, disco_source
+from disposabledisco import bootstrap, disco_fixes, disco_source
 from disposabledisco.disco_source import PINS, BundleError, assemble_bundle, bundle_sha256
 from tests.disco_bundle import (
     BUILD_TOOLS,
@@ -279,27 +279,7 @@ WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog")
 TEXTS = ["\n".join(" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(i % 6 + 1))
                    for i in range(start, start + 150)) + "\n" for start in (0, 150)]
 
-JOB_PY = '''\
-import json, sys, time
-from disco.core import Job, result_iterator
-from disco.worker.task_io import chain_reader
-
-def map(line, params):
-    for word in line.split():
-        yield word.decode() if isinstance(word, bytes) else word, 1
-
-def reduce(iter, params):
-    from disco.util import kvgroup
-    for word, counts in kvgroup(sorted(iter)):
-        yield word, sum(counts)
-
-if __name__ == "__main__":
-    started = time.monotonic()
-    job = Job().run(input=sys.argv[1:], map=map, reduce=reduce, map_reader=chain_reader)
-    counts = dict(result_iterator(job.wait(show=False)))
-    print("JOB_SECONDS %.2f" % (time.monotonic() - started))
-    print("RESULT " + json.dumps(counts))
-'''
+JOB_PY = bootstrap.template("word_count.py")
 
 # Runs as PID 1 of the new namespaces: overlay of / with the installed tree on top, then
 # Disco inside a chroot of it, as the master's own short host name (workers start locally).
@@ -343,7 +323,7 @@ for _ in $(seq 200); do
 done
 [[ -n $connected ]] || fail "the worker node never connected"
 ddfs chunk data:words ./a.txt ./b.txt
-python3 job.py tag://data:words || fail "the job failed"
+WORD_COUNT_PAUSE=0 python3 job.py tag://data:words || fail "the job failed"
 disco stop
 '''
 

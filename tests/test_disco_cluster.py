@@ -37,9 +37,10 @@ import pytest
 from disposabledisco.cluster import Node
 from disposabledisco.config import load_config
 from disposabledisco.disco import short_name
+from disposabledisco.sandbox.run import DEMO_TEXTS
 from tests.disco_bundle import vendor_build
 from tests.e2e_fixtures import ClusterConfig, E2eEnv
-from tests.test_disco_build import JOB_PY, WORDS
+from tests.test_disco_build import JOB_PY
 from tests.test_e2e_cluster import (  # noqa: F401 - gateways is a fixture used here
     assert_quiet_pass,
     cli,
@@ -54,10 +55,9 @@ pytestmark = [pytest.mark.disco, pytest.mark.nodes]
 DISCO_USER = "disco"
 #: `up --wait` converged this cluster in 9-15 s on the loaded 2-core machine
 UP_TIMEOUT = 180
-#: eight input files: eight map tasks, more than the master's worker slots, so the
-#: scheduler has to use the slaves
-TEXTS = ["\n".join(" ".join(WORDS[(i * 5 + j * 3 + k) % len(WORDS)] for j in range(i % 7 + 1))
-                   for i in range(60)) + "\n" for k in range(8)]
+#: the sandbox demo's eight inputs: eight map tasks, more than the master's worker slots,
+#: so the scheduler has to use the slaves
+TEXTS = DEMO_TEXTS
 
 @pytest.fixture(scope="session")
 def installed_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -157,16 +157,13 @@ def word_count(done: Converged, tag: str, texts: list[str], *, slow: float = 0,
     """`ddfs chunk` the texts into tag `data:TAG`, then the word count as job `name` (each
     map call sleeping `slow` seconds, so a job can be caught while it runs) and its events,
     all on the master as the Disco user."""
-    job_py = JOB_PY.replace("Job()", f"Job(name={name!r})")
-    if slow:
-        job_py = job_py.replace("def map(line, params):\n", "def map(line, params):\n"
-                                f"    import time\n    time.sleep({slow})\n")
     files = "".join(f"cat > in{k}.txt <<'EOF'\n{text}EOF\n" for k, text in enumerate(texts))
     script = (f"set -euo pipefail\ncd \"$(mktemp -d)\"\n{files}"
-              f"cat > job.py <<'EOF'\n{job_py}EOF\n"
+              f"cat > job.py <<'EOF'\n{JOB_PY}EOF\n"
               f"ddfs chunk data:{tag} {' '.join(f'./in{k}.txt' for k in range(len(texts)))}"
               " >/dev/null\n"
-              "python3 -W ignore job.py tag://data:" + tag + "\n"
+              f"WORD_COUNT_NAME={name} WORD_COUNT_PAUSE={slow} python3 -W ignore job.py"
+              f" tag://data:{tag}\n"
               f"disco events \"$(disco jobs | grep -m 1 '^{name}@')\"\n")
     started = time.monotonic()
     job = on_master(done, script, timeout=timeout)

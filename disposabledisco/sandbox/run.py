@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..bootstrap import template
 from ..deps import SANDBOX, require
 
 require(SANDBOX)  # one line naming what to install, before moto is imported below
@@ -53,27 +54,9 @@ _WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog")
 DEMO_TEXTS = ["\n".join(" ".join(_WORDS[(i * 5 + j * 3 + k) % len(_WORDS)]
                                   for j in range(i % 7 + 1))
                         for i in range(60)) + "\n" for k in range(8)]
-#: the word count; a map task takes ~3 s, so a slave can be lost while the job runs
-DEMO_JOB_PY = '''\
-import json, sys
-from disco.core import Job, result_iterator
-from disco.worker.task_io import chain_reader
-
-def map(line, params):
-    import time  # Disco ships the function alone: the module's imports are not there
-    time.sleep(0.05)
-    for word in line.split():
-        yield word.decode() if isinstance(word, bytes) else word, 1
-
-def reduce(iter, params):
-    from disco.util import kvgroup
-    for word, counts in kvgroup(sorted(iter)):
-        yield word, sum(counts)
-
-if __name__ == "__main__":
-    job = Job().run(input=sys.argv[1:], map=map, reduce=reduce, map_reader=chain_reader)
-    print("RESULT " + json.dumps(dict(result_iterator(job.wait(show=False)))))
-'''
+#: the word count (templates/word_count.py: a map task takes ~3 s, so a slave can be lost
+#: while the job runs)
+DEMO_JOB_PY = template("word_count.py")
 
 
 class SandboxError(Exception):
