@@ -4,19 +4,22 @@
 The same as `disposabledisco up config.json`; works from a checkout without installing.
 """
 
+import importlib.util
 import sys
 from pathlib import Path
 
-try:
-    import disposabledisco  # noqa: F401
-except ImportError:  # running from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from disposabledisco.deps import require
+def _main() -> int:
+    # Run from a checkout without installing: make the package next to this file importable.
+    if importlib.util.find_spec("disposabledisco") is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from disposabledisco.deps import require
 
-require()  # one line naming what to install, before cli imports boto3/jsonschema/paramiko
+    require()  # one line naming what to install, not a traceback from cli's imports
+    from disposabledisco.cli import main
 
-from disposabledisco.cli import main  # noqa: E402
+    return main(sys.argv[1:], entry="create_cluster.py")
+
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:], entry="create_cluster.py"))
+    raise SystemExit(_main())
