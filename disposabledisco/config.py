@@ -899,6 +899,13 @@ def _as_int(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def _takes_integer(prop: Any) -> bool:
+    """Whether a key's schema accepts whole numbers (alone, like SSH_PORT, or beside null,
+    like IDLE_MINUTES): JSON Schema takes 5.0 for an integer, the code wants 5."""
+    s = _resolve(prop)
+    return s.get("type") == "integer" or any(_takes_integer(b) for b in s.get("anyOf", ()))
+
+
 def _normalize(data: Mapping[str, Any]) -> dict[str, Any]:
     """Every schema key present, defaults applied, prices as float, whole numbers as int."""
     props = _schema()["properties"]
@@ -909,7 +916,7 @@ def _normalize(data: Mapping[str, Any]) -> dict[str, Any]:
         values[key] = copy.deepcopy(data[key]) if key in data else copy.deepcopy(
             prop.get("default")
         )
-        if props[key].get("type") == "integer" or _resolve(prop).get("type") == "integer":
+        if _takes_integer(prop):
             values[key] = _as_int(values[key])
     for key in _PRICE_KEYS:
         if values[key] is not None:

@@ -245,9 +245,10 @@ def test_slave_instance_type_with_groups_is_a_warning():
 
 
 def test_whole_number_floats_become_ints():
-    c = parse_config(with_(NUM_SLAVES=2.0, SSH_PORT=22.0, MAX_BID=1))
+    c = parse_config(with_(NUM_SLAVES=2.0, SSH_PORT=22.0, MAX_BID=1, IDLE_MINUTES=30.0))
     assert c["NUM_SLAVES"] == 2 and isinstance(c["NUM_SLAVES"], int)
     assert isinstance(c["SSH_PORT"], int)
+    assert c["IDLE_MINUTES"] == 30 and type(c["IDLE_MINUTES"]) is int  # integer or null
     assert c["MAX_BID"] == 1.0 and isinstance(c["MAX_BID"], float)
 
 
