@@ -31,6 +31,8 @@ ROLES = ("master", "slave")
 LIVE_INSTANCE_STATES = ("pending", "running")
 OPEN_REQUEST_STATES = ("open",)
 ENDED_REQUEST_STATES = ("closed", "cancelled", "failed")
+#: the reason of a node whose instance EC2 listed with a state we cannot read
+STATE_UNKNOWN = "instance state unknown"
 
 
 @dataclass(frozen=True)
@@ -432,7 +434,7 @@ def _state(fields: dict, instance: dict | None, desired: Desired,
             if wanted and fields["tags"].get(TAG_BOOTSTRAP) == wanted and fields["instance_tagged"]:
                 return "ready", "bootstrapped"
             return "running", "waiting for bootstrap"
-        return "gone", f"instance {name or 'state unknown'}"
+        return "gone", f"instance {name}" if name else STATE_UNKNOWN
     state = fields["request_state"]
     if state == "open":
         created = fields["created"]
