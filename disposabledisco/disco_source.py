@@ -139,9 +139,7 @@ def assemble_bundle(dest: Path, base_url: str = DEFAULT_BASE_URL,
             tree = _fetch_tree(url, commits.get(pin.commit, pin.commit), Path(scratch))
             prefix = "/".join(part for part in (TOP, pin.path) if part)
             with tarfile.open(fileobj=io.BytesIO(tree)) as archive:
-                for member in archive:
-                    if member.type == tarfile.XGLTYPE or member.name == "pax_global_header":
-                        continue
+                for member in archive:  # (tarfile reads git's pax header itself)
                     name = f"{prefix}/{member.name.rstrip('/')}".rstrip("/")
                     if name in entries and not member.isdir():
                         raise BundleError(f"{pin.repo}: {name} is also in another repository")
