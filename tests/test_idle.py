@@ -145,7 +145,9 @@ def test_idle_slaves_to_zero_then_a_raised_count_brings_them_back(tmp_path):
     assert ("idle", tuple(master)) in worker.calls  # asked only once the master was ready
 
     worker.answer = probe(jobs=[[T0 - 31 * 60, "ready", "a@1"]])
+    worker.calls.clear()
     slept = run(cfg, ec2, worker)
+    assert worker.kinds().count("idle") == 1  # one probe (one SSH command) per pass
     assert notes(slept) and "no Disco job for 31 min" in notes(slept)[0]
     assert "terminating the slaves" in notes(slept)[0]
     terminated = [r for r in slept.results if isinstance(r.action, Terminate)]
