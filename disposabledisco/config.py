@@ -813,6 +813,15 @@ def _disco_account_problems(data: Mapping[str, Any]) -> list[_Problem]:
     return out
 
 
+#: Keys that only one DISCO_INSTALL reads: key -> that DISCO_INSTALL.
+_INSTALL_KEYS = {
+    "DISCO_TARBALL": "tarball", "DISCO_TARBALL_SHA256": "tarball",
+    "DISCO_SOURCE": "source", "DISCO_SOURCE_SHA256": "source", "DISCO_APT_SOURCE": "apt",
+}
+#: The files a DISCO_INSTALL uploads when given as a local path: key -> what it is.
+_LOCAL_UPLOADS = {"DISCO_TARBALL": "tarball", "DISCO_SOURCE": "source bundle"}
+
+
 def _warnings(values: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:
     """Things that work but are probably not what the user wants."""
     out = []
@@ -825,20 +834,12 @@ def _warnings(values: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:
     if values["SLAVE_GROUPS"] is not None and raw.get("SLAVE_INSTANCE_TYPE") is not None:
         out.append("SLAVE_INSTANCE_TYPE is ignored because SLAVE_GROUPS gives the slaves' types; "
                    "remove it.")
-    if values["DISCO_TARBALL"] is not None and values["DISCO_INSTALL"] != "tarball":
-        out.append(f"DISCO_TARBALL is ignored because DISCO_INSTALL is "
-                   f"{_show(values['DISCO_INSTALL'])}, not \"tarball\".")
-    if values["DISCO_TARBALL_SHA256"] is not None and values["DISCO_INSTALL"] != "tarball":
-        out.append(f"DISCO_TARBALL_SHA256 is ignored because DISCO_INSTALL is "
-                   f"{_show(values['DISCO_INSTALL'])}, not \"tarball\".")
-    for key in ("DISCO_SOURCE", "DISCO_SOURCE_SHA256"):
-        if values[key] is not None and values["DISCO_INSTALL"] != "source":
-            out.append(f"{key} is ignored because DISCO_INSTALL is "
-                       f"{_show(values['DISCO_INSTALL'])}, not \"source\".")
-    if values["DISCO_APT_SOURCE"] is not None and values["DISCO_INSTALL"] != "apt":
-        out.append(f"DISCO_APT_SOURCE is ignored because DISCO_INSTALL is "
-                   f"{_show(values['DISCO_INSTALL'])}, not \"apt\".")
-    elif values["DISCO_APT_SOURCE"] is not None:
+    install = values["DISCO_INSTALL"]
+    for key, mode in _INSTALL_KEYS.items():
+        if values[key] is not None and install != mode:
+            out.append(f"{key} is ignored because DISCO_INSTALL is {_show(install)}, "
+                       f"not \"{mode}\".")
+    if install == "apt":  # the schema requires DISCO_APT_SOURCE then
         out += _apt_source_warnings(values["DISCO_APT_SOURCE"])
     if values["TAG_KEY"] == _OLD_DEFAULT_TAG_KEY:
         out.append(f"TAG_KEY is {_show(_OLD_DEFAULT_TAG_KEY)}, the default of earlier versions "
@@ -1138,9 +1139,9 @@ def _local_problems(config: Config) -> list[str]:
     folder), and a named AWS profile that does not exist. One sentence each."""
     out = []
     paths = {"STATE_DIR": config["STATE_DIR"], "SSH_KEY_FILE": config["SSH_KEY_FILE"]}
-    for key, mode in (("DISCO_TARBALL", "tarball"), ("DISCO_SOURCE", "source")):
+    for key in _LOCAL_UPLOADS:
         value = config[key]
-        if (config["DISCO_INSTALL"] == mode and isinstance(value, str)
+        if (config["DISCO_INSTALL"] == _INSTALL_KEYS[key] and isinstance(value, str)
                 and not value.startswith(("https://", "s3://"))):
             paths[key] = value
     for key, value in list(paths.items()):
@@ -1151,10 +1152,10 @@ def _local_problems(config: Config) -> list[str]:
             del paths[key]
     if "STATE_DIR" in paths:
         out += _state_dir_problems(config)
-    for key in ("DISCO_TARBALL", "DISCO_SOURCE"):
+    for key in _LOCAL_UPLOADS:
         if key in paths:
-            out += _tarball_problems(key, config.resolve_path(paths[key]),
-                                     config[f"{key}_SHA256"])
+            out += _upload_problems(key, config.resolve_path(paths[key]),
+                                    config[f"{key}_SHA256"])
     profile = config["AWS_PROFILE"]
     if profile and not _profile_exists(profile):
         out.append(f"AWS_PROFILE is {_show(profile)}, which is not a profile in the AWS config "
@@ -1203,11 +1204,11 @@ def _state_dir_problems(config: Config) -> list[str]:
     return []
 
 
-def _tarball_problems(key: str, path: Path, sha256: str | None) -> list[str]:
+def _upload_problems(key: str, path: Path, sha256: str | None) -> list[str]:
     """A local DISCO_TARBALL or DISCO_SOURCE (`key`) must be a readable regular file (a
     folder, a FIFO or a file that cannot be read would only fail once nodes are being
     bootstrapped), with the `key`_SHA256 the config pins, if any."""
-    what = "source bundle" if key == "DISCO_SOURCE" else "tarball"
+    what = _LOCAL_UPLOADS[key]
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
