@@ -33,9 +33,9 @@ from ..deps import SANDBOX, require
 require(SANDBOX)  # one line naming what to install, before moto is imported below
 
 from .endpoint import DUMMY_KEY_ID, DUMMY_SECRET, LocalEc2  # noqa: E402
-from .loopback import endpoint_answers, free_subnet, sockets_in_use  # noqa: E402
+from .loopback import endpoint_answers, free_subnet  # noqa: E402
 from .market import SpotMarket  # noqa: E402
-from .nodes import NodeFarm, generate_ed25519_key, taken_addresses  # noqa: E402
+from .nodes import NodeFarm, generate_ed25519_key, loopback_ends  # noqa: E402
 
 # Debian packages the sandbox nodes get (from this machine's own installed set: nodes are
 # offline overlays of it, so only installed packages can be "installed" there).
@@ -109,12 +109,8 @@ class Sandbox:
         if isinstance(url, str) and endpoint_answers(url):
             raise SandboxError(f"a sandbox already runs with {self.config_path} (its endpoint "
                                f"{url} answers): stop it first, or pass another --dir")
-        # nodes live in network namespaces of their own: their sockets are not in ours,
-        # but their /32 routes are (taken_addresses), as are other servers' sockets
-        ends = [*sockets_in_use(),
-                *((ipaddress.IPv4Address(address), 22) for address in taken_addresses())]
         try:
-            subnet = free_subnet(options.network, ends=ends)
+            subnet = free_subnet(options.network, ends=loopback_ends())
         except LookupError as error:
             raise SandboxError(str(error)) from None
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
