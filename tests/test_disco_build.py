@@ -168,9 +168,15 @@ def test_an_output_folder_others_can_write_is_refused(build_script: Path,
     out = tmp_path / "shared"
     out.mkdir()
     out.chmod(0o777)
-    result = run_build(build_script, source_bundle(), out)
+    bundle = source_bundle()
+    result = run_build(build_script, bundle, out)
     assert result.returncode == 1
     assert "writable by group or others" in result.stderr and not os.listdir(out)
+    # Nor is a tarball someone else put there taken as already built.
+    (out / f"disco-installed-{bundle_sha256(bundle)}.tar.gz").write_bytes(b"planted")
+    result = run_build(build_script, bundle, out)
+    assert result.returncode == 1
+    assert "writable by group or others" in result.stderr and "already built" not in result.stderr
 
 
 def make_repo(path: Path, files: dict[str, tuple[bytes, int | None]]) -> str:

@@ -139,12 +139,13 @@ pack() {
 
 main() {
   check_inputs
+  # Before trusting what is there: a tarball in a folder others can write is not ours.
+  prepare_out
   local target=$out/disco-installed-$want_sha.tar.gz
   if [[ -s $target ]]; then
     log "already built: $target"
     return 0
   fi
-  prepare_out
   work=$(mktemp -d)
   trap cleanup EXIT
   local started=$SECONDS
