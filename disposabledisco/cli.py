@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -325,15 +324,22 @@ def build_parser(entry: str | None = None) -> argparse.ArgumentParser:
 
 
 def _split_remote(argv: list[str]) -> tuple[list[str], list[str] | None]:
-    """For ssh/exec: the words before the first `--` and the remote command after it."""
+    """For ssh/exec: the words before the first `--` and the remote command after it
+    (None without `--`). A missing remote command is refused here, before parsing and
+    before the config is read."""
     command = next((a for a in argv if not a.startswith("-")), None)
-    if command == "exec" and "--" not in argv and not {"-h", "--help"} & set(argv):
-        raise UsageError("exec needs the command after `--`, e.g. disposabledisco exec "
-                         "CONFIG -- uname -a")
-    if command not in REMOTE_COMMANDS or "--" not in argv:
+    if command not in REMOTE_COMMANDS:
         return argv, None
-    cut = argv.index("--")
-    return argv[:cut], argv[cut + 1:]
+    given = "--" in argv
+    cut = argv.index("--") if given else len(argv)
+    before, after = argv[:cut], argv[cut + 1:]
+    if not after and not {"-h", "--help"} & set(before):
+        if command == "exec":
+            raise UsageError("exec needs the command after `--`, e.g. disposabledisco exec "
+                             "CONFIG -- uname -a")
+        if given:
+            raise UsageError("nothing after `--`: give the command to run, or drop the `--`")
+    return before, after if given else None
 
 
 def main(argv: Sequence[str] | None = None, entry: str | None = None) -> int:
@@ -413,8 +419,6 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_CONVERGED
     if args.command == "up" and args.timeout is not None and not args.wait:
         raise UsageError("--timeout only goes with --wait: add --wait or drop --timeout")
-    if args.command in REMOTE_COMMANDS:
-        _check_remote_command(args)
     if carried := carry_over_pins(config):
         print(f"carried {remote.plural(carried, 'pinned host key')} over from "
               f"{config.legacy_state_dir} to {config.state_dir}", file=sys.stderr)
@@ -426,15 +430,6 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(args, f"disposabledisco: {stale}", EXIT_FAILED)
     _region_note(config)
     return COMMANDS[args.command](config, args)
-
-
-def _check_remote_command(args: argparse.Namespace) -> None:
-    command = args.remote_command
-    if args.command == "exec" and not command:
-        raise UsageError("exec needs the command after `--`, e.g. "
-                         f"disposabledisco exec {shlex.quote(args.config)} -- uname -a")
-    if command is not None and not command:
-        raise UsageError("nothing after `--`: give the command to run, or drop the `--`")
 
 
 def _region_note(config: Config) -> None:

@@ -184,6 +184,16 @@ def test_forget_host_key_needs_no_ec2_endpoint(write_config, calls) -> None:
     assert out.startswith("no host key is pinned for i-0123456789abcdef0") and calls == []
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    (["exec", "missing.json"], "exec needs the command after `--`"),
+    (["exec", "missing.json", "--"], "exec needs the command after `--`"),
+    (["ssh", "missing.json", "master", "--"], "nothing after `--`"),
+])
+def test_a_missing_remote_command_is_refused_before_the_config_is_read(argv, says) -> None:
+    code, out, err = cli(*argv)
+    assert (code, out) == (2, "") and says in err and "missing.json" not in err, err
+
+
 def test_validate_says_node_in_plain_english(write_config) -> None:
     path = str(write_config(NUM_SLAVES=0))
     assert cli("validate", path)[1].startswith(f"{path}: valid (1 node, tag key")
