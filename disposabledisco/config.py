@@ -8,6 +8,7 @@ sentence naming the JSON path, the bad value (never a secret) and what would be 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
@@ -1188,14 +1189,15 @@ def _state_dir_problems(config: Config) -> list[str]:
         if not existing.is_dir():
             return [f"STATE_DIR is {shown}, but {existing} is not a folder; move it "
                     "away or set STATE_DIR to a folder."]
-        try:  # the only sure test (root passes os.access even on /proc or a read-only disk)
+        try:  # the only sure test: root passes os.access where mkdir fails (/proc, a full disk)
             os.mkdir(first_missing, 0o700)
         except FileExistsError:
             return []  # another run just made it; `up` checks it like any existing folder
         except OSError as error:
             return [f"STATE_DIR is {shown}, which cannot be created in {existing} "
                     f"({error.strerror or error}); set STATE_DIR to a folder you can write to."]
-        os.rmdir(first_missing)
+        with contextlib.suppress(OSError):  # not empty: a concurrent run uses it now
+            os.rmdir(first_missing)
         return []
     try:
         check_dir(folder)

@@ -144,6 +144,26 @@ def test_a_run_in_another_region_is_not_blocked_by_the_lock(ec2_env, tmp_path):
     assert same.returncode == 75 and "holds the lock" in same.stderr
 
 
+def test_validate_leaves_a_state_folder_a_concurrent_run_filled_to_it(tmp_path, clean_env,
+                                                                       monkeypatch):
+    """load_config tries to create a missing STATE_DIR and removes it again; when another
+    run (another region's `up`) made its cluster folder inside meanwhile, the folder is
+    theirs: no traceback, and it stays."""
+    path = tmp_path / "config.json"
+    state = tmp_path / "state"
+    path.write_text(json.dumps({**BASE, "REGION": "us-east-1", "STATE_DIR": str(state)}))
+    real_mkdir = os.mkdir
+
+    def mkdir_then_the_other_run(folder, mode=0o777):
+        real_mkdir(folder, mode)
+        if Path(folder) == state:
+            real_mkdir(state / "disco-same@eu-west-1", 0o700)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_the_other_run)
+    assert load_config(path).state_dir == state / "disco-same@us-east-1"
+    assert os.listdir(state) == ["disco-same@eu-west-1"]
+
+
 # --------------------------------------------------------------------------- planted files
 
 
