@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__, remote
@@ -282,7 +283,6 @@ def _args_sandbox(sandbox: argparse.ArgumentParser) -> None:
 
 def _disco_bundle(value: str) -> Any:
     """--disco-source must name a file (a Path): refused before any EC2 call or node start."""
-    from pathlib import Path
     path = Path(value)
     if not path.is_file():
         raise argparse.ArgumentTypeError(
@@ -627,7 +627,6 @@ def cmd_doctor(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from .sandbox.run import SandboxError, SandboxOptions, demo, serve
     capacity: dict[str, int] = {}
@@ -728,7 +727,6 @@ def _finish(args: argparse.Namespace, runs: list[remote.NodeRun], what: str,
 
 
 def cmd_put(config: Config, args: argparse.Namespace) -> int:
-    from pathlib import Path
     local = Path(args.local)
     if not local.is_file():
         raise UsageError(f"LOCAL {args.local} is not a file: give the path of a file to copy")
@@ -740,7 +738,6 @@ def cmd_put(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_get(config: Config, args: argparse.Namespace) -> int:
-    from pathlib import Path
     ec2, cluster = _cluster(config)
     nodes = remote.select_role(config, cluster, args.role)
     runs = remote.get(config, ec2, nodes, args.remote, Path(args.local_dir),
@@ -760,7 +757,6 @@ def cmd_forget(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from .disco_source import BundleError, assemble_bundle
     try:
