@@ -43,6 +43,7 @@ __all__ = [
     "load_schema",
     "parse_config",
     "reference_table",
+    "schema_text",
     "usd",
 ]
 
@@ -283,12 +284,15 @@ def _environment_region(profile: str | None) -> str:
 # --------------------------------------------------------------------------- schema
 
 
+def schema_text() -> str:
+    """schema.json as shipped, byte for byte (what `init --schema` saves for editors)."""
+    return importlib.resources.files("disposabledisco").joinpath("schema.json").read_text(
+        encoding="utf-8")
+
+
 @functools.lru_cache(maxsize=1)
 def _schema() -> dict[str, Any]:
-    text = importlib.resources.files("disposabledisco").joinpath("schema.json").read_text(
-        encoding="utf-8"
-    )
-    return json.loads(text)
+    return json.loads(schema_text())
 
 
 def load_schema() -> dict[str, Any]:

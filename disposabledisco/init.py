@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 from typing import Any
 
-from disposabledisco.config import SCHEMA_REF, default_config
+from disposabledisco.config import SCHEMA_REF, default_config, schema_text
 
 
 def render_default_config(cfg: dict[str, Any] | None = None) -> str:
@@ -22,8 +21,7 @@ def render_default_config(cfg: dict[str, Any] | None = None) -> str:
 def render_schema() -> str:
     """The JSON Schema shipped in the package, for `init --schema` to save next to a config
     where the config's relative "$schema" finds it."""
-    return importlib.resources.files("disposabledisco").joinpath("schema.json").read_text(
-        encoding="utf-8")
+    return schema_text()
 
 
 def init_notes(cfg: dict[str, Any]) -> list[str]:
