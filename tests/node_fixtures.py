@@ -82,13 +82,19 @@ def candidate_addresses(subnet: str = SUBNET) -> list[str]:
     return [f"{subnet}.{host}" for host in range(_FIRST_HOST, 255)]
 
 
+def free_addresses(count: int, subnet: str = SUBNET) -> list[str]:
+    """The first ``count`` addresses of ``subnet`` that no node of any farm on this machine
+    has and where no process listens on port 22 (fewer when the /24 is that full)."""
+    taken = taken_addresses()
+    return [a for a in candidate_addresses(subnet) if a not in taken][:count]
+
+
 def start_n_nodes(farm: NodeFarm, count: int, subnet: str = SUBNET) -> list[Node]:
     """Start ``count`` nodes at once on free addresses of ``subnet``, skipping addresses
     that a node of any farm on this machine has (another engineer's test run) or where a
     process of the machine listens on port 22."""
     for _ in range(5):
-        taken = taken_addresses()
-        addresses = [a for a in candidate_addresses(subnet) if a not in taken][:count]
+        addresses = free_addresses(count, subnet)
         if len(addresses) < count:
             raise RuntimeError(f"not {count} free addresses left in {subnet}.0/24")
         try:

@@ -22,9 +22,8 @@ from disposabledisco.sandbox.nodes import (
     NodeFarm,
     ec2_hostname,
     port_open,
-    taken_addresses,
 )
-from tests.node_fixtures import candidate_addresses, next_instance_id
+from tests.node_fixtures import free_addresses, next_instance_id
 
 pytestmark = pytest.mark.nodes
 
@@ -40,11 +39,10 @@ def ns_pids(farm: NodeFarm, instance_id: str) -> list[int]:
 
 
 def free_address(subnet: str = "127.10.7") -> str:
-    taken = taken_addresses()
-    for address in candidate_addresses(subnet):
-        if address not in taken:
-            return address
-    raise RuntimeError("no free address")
+    found = free_addresses(1, subnet)
+    if not found:
+        raise RuntimeError("no free address")
+    return found[0]
 
 
 def machine_links() -> set[str]:
@@ -260,8 +258,7 @@ def test_market_callbacks_and_sync(node_farm: NodeFarm) -> None:
 
 
 def test_fifty_nodes_start_together(node_farm: NodeFarm) -> None:
-    taken = taken_addresses()
-    addresses = [a for a in candidate_addresses("127.10.5") if a not in taken][:50]
+    addresses = free_addresses(50, "127.10.5")
     started = time.monotonic()
     nodes = node_farm.start_many((next_instance_id(), a) for a in addresses)
     took = time.monotonic() - started
@@ -398,8 +395,7 @@ def test_network_of_makes_sockets_the_node_reaches(node_farm: NodeFarm, start_no
 
 
 def test_stop_and_close_remove_routes_veths_bridge_and_uplink(client_key) -> None:
-    taken = taken_addresses()
-    addresses = [a for a in candidate_addresses("127.10.12") if a not in taken][:2]
+    addresses = free_addresses(2, "127.10.12")
     with NodeFarm(client_key.public) as farm:
         a, b = farm.start_many((next_instance_id(), address) for address in addresses)
         hub = farm._hub
