@@ -80,10 +80,10 @@ _STDIN_INLINE = 256 * 1024  # larger stdin is fed from a thread so output can fl
 _TAIL_LINES = 400
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: exit status of a node script refusing for a reason that is the config's, not the node's
-#: (templates/lib.sh EXIT_CONFIG, sysexits' EX_CONFIG)
+#: (sysexits' EX_CONFIG; bootstrap renders it into every node script for lib.sh)
 EXIT_CONFIG = 78
-#: exit status of a node script refusing a path someone planted (templates/lib.sh
-#: EXIT_TAMPER, sysexits' EX_NOPERM)
+#: exit status of a node script refusing a path someone planted (sysexits' EX_NOPERM;
+#: rendered into every node script the same way)
 EXIT_TAMPER = 77
 #: Who is to blame for a failure, which decides whether it counts against the node:
 #: "node" counts toward replacing it; "config" (a fresh node would fail the same) and

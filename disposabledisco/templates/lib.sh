@@ -9,17 +9,16 @@ log() { printf 'disposabledisco: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 trap 'log "failed (status $?) at line $LINENO: ${BASH_COMMAND%%$'\''\n'\''*}"' ERR
 
-#: exit status of a refusal that is the config's fault (sysexits EX_CONFIG): it would
-#: repeat on a fresh node, so the reconciler never counts it against the node
-EXIT_CONFIG=78
-
+# EXIT_CONFIG (set above this file from ssh.py, which reads it back): exit status of a
+# refusal that is the config's fault (sysexits EX_CONFIG): it would repeat on a fresh
+# node, so the reconciler never counts it against the node.
 # A failure a fresh node would repeat (a bad setting, a refused DISCO_USER/DISCO_ROOT).
 die_config() { log "ERROR: $*"; exit "$EXIT_CONFIG"; }
 
-#: exit status of a refusal of something planted on the node (sysexits EX_NOPERM): the
-#: node is kept as evidence and never replaced for it (any Disco job could plant the same
-#: on a fresh node, so replacing would only burn nodes)
-EXIT_TAMPER=77
+# EXIT_TAMPER (set above this file from ssh.py): exit status of a refusal of something
+# planted on the node (sysexits EX_NOPERM): the node is kept as evidence and never
+# replaced for it (any Disco job could plant the same on a fresh node, so replacing would
+# only burn nodes).
 
 require_root() {
   [[ $EUID -eq 0 ]] || die "must run as root (sudo -n bash -s)"
