@@ -22,19 +22,12 @@ from disposabledisco.ec2 import Ec2Gateway
 from disposabledisco.reconcile import observe
 from disposabledisco.remote import label
 from disposabledisco.ssh import SshGateway
-from tests.cli_capture import cli
+from tests.cli_capture import cli, cli_process
 from tests.e2e_fixtures import ClusterConfig, E2eEnv, terminate_cluster
 
 pytestmark = pytest.mark.nodes
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cli_process(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """The CLI in its own process (ssh replaces the process with the system ssh)."""
-    return subprocess.run([sys.executable, "-m", "disposabledisco", *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")

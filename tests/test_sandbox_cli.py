@@ -30,6 +30,7 @@ from disposabledisco.sandbox.loopback import (
 )
 from disposabledisco.sandbox.nodes import NodeFarm, generate_ed25519_key
 from disposabledisco.sandbox.run import WIRING_KEYS, Sandbox, SandboxOptions, keep_user_edits
+from tests.cli_capture import cli_process as cli
 from tests.disco_bundle import source_bundle
 
 IP = ipaddress.IPv4Address
@@ -201,11 +202,6 @@ class Running:
         self.process.send_signal(signal.SIGINT)
         self.process.communicate(timeout=60)
         assert self.process.returncode == 0
-
-
-def cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "disposabledisco", *argv],
-                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @needs_nodes
