@@ -377,9 +377,7 @@ class Ec2Gateway:
             and isinstance(errors[0], Mapping) else {}
         code = str(first.get("ErrorCode") or "MalformedResponse")
         raise AwsError(code, str(first.get("ErrorMessage") or "the fleet launched nothing"),
-                       HINTS.get(code, "run again later").format(
-                           ami=self.config["AMI"], key=self.config["KEY_NAME"],
-                           region=self.config.region))
+                       _hint(self.config, code) or "run again later")
 
     def _request_spot(self, instance_type: str, count: int, bid: float | None, token: str,
                       tags: list[dict]) -> list[str]:
@@ -448,15 +446,20 @@ class Ec2Gateway:
             delay = min(delay * 2, 8)
 
     def _errors(self) -> _ErrorTranslator:
-        return _ErrorTranslator(self.config, self)
+        return _ErrorTranslator(self.config)
+
+
+def _hint(config: Config, code: str) -> str:
+    """What to do about an EC2 error code, with the config's values filled in ("" if none)."""
+    return HINTS.get(code, "").format(ami=config["AMI"], key=config["KEY_NAME"],
+                                      region=config.region)
 
 
 class _ErrorTranslator:
     """Turns botocore exceptions into one-line `AwsError`s with the code and a hint."""
 
-    def __init__(self, config: Config, gateway: Ec2Gateway) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.gateway = gateway
 
     def __enter__(self) -> None:
         return None
@@ -468,11 +471,7 @@ class _ErrorTranslator:
             info = error.response.get("Error", {})
             code = info.get("Code", "Unknown")
             message = info.get("Message", str(error)).strip().rstrip(".")
-            hint = HINTS.get(code, "")
-            if hint:
-                hint = hint.format(ami=self.config["AMI"], key=self.config["KEY_NAME"],
-                                   region=self.config.region)
-            raise AwsError(code, message, hint) from None
+            raise AwsError(code, message, _hint(self.config, code)) from None
         if isinstance(error, NoCredentialsError):
             raise AwsError("NoCredentials", "no AWS credentials found",
                            "set AWS_PROFILE, the AWS_* environment variables, or run on an "

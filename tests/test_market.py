@@ -9,7 +9,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from disposabledisco.config import load_config
-from disposabledisco.ec2 import Ec2Gateway
+from disposabledisco.ec2 import AwsError, Ec2Gateway
 from disposabledisco.sandbox.market import SpotMarket
 from tests.ec2_fixtures import Ec2Env
 
@@ -597,3 +597,13 @@ def test_fleet_launches_of_one_gateway_create_each_launch_template_once(
     names = [t["LaunchTemplateName"] for t in
              ec2_env.client().describe_launch_templates()["LaunchTemplates"]]
     assert len(names) == 2
+
+
+def test_a_fleet_that_launched_nothing_is_the_first_pools_error_with_its_hint(
+        ec2_env: Ec2Env, spot_market: SpotMarket, write_config: Any) -> None:
+    spot_market.set_price("m5.large", 0.50)
+    gateway = Ec2Gateway(load_config(write_config(TAG_KEY="ddlt", LAUNCH_API="fleet")))
+    with pytest.raises(AwsError) as caught:
+        gateway.launch("master", "master", "m5.large", 1, "spot", 0.10, "tok-hint")
+    assert caught.value.code == "SpotMaxPriceTooLow"
+    assert str(caught.value).endswith("(MAX_BID is below the current spot price: raise MAX_BID)")
