@@ -306,9 +306,10 @@ def _unique(nodes: Iterable[Node]) -> list[Node]:
 
 def _blame(faults: Iterable[str]) -> str:
     """One fault for a step that failed on several nodes: anything that is not the node's
-    (a host key, the config) wins, so a step never burns a node for someone else's fault."""
+    (a host key, a planted path, the config) wins, so a step never burns a node for
+    someone else's fault."""
     found = set(faults)
-    return next((f for f in ("hostkey", "config") if f in found), "node")
+    return next((f for f in ("hostkey", "tamper", "config") if f in found), "node")
 
 
 def _failed(error: str) -> Outcome[Any]:

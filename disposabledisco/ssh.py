@@ -96,7 +96,8 @@ SCRIPT_ERROR_PREFIX = "disposabledisco: ERROR: "
 
 #: sh functions for files in a directory some unprivileged user can write: root only lstats
 #: them (GNU stat without -L); anything but a regular file with one link owned by that user
-#: is refused, naming the node, the path and what was found.
+#: is refused, naming the node, the path and what was found, with EXIT_TAMPER (as lib.sh's
+#: refuse_path: planted, so never counted against the node).
 _OWNED_FILE_CHECK = r"""
 check() {
   f=$(stat -c '%F|%h|%U' -- "$1" 2>/dev/null) || {
@@ -106,7 +107,7 @@ check() {
   "regular file|1|$U" | "regular empty file|1|$U") ;;
   *) echo "refusing $1 on $(hostname -s): found ${f%%|*} (links/owner: ${f#*|})," \
        "expected a regular file owned by $U with one link" >&2
-     exit 1 ;;
+     exit """ + str(EXIT_TAMPER) + r""" ;;
   esac
 }
 """

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from disposabledisco import disco, reconcile
+from disposabledisco import disco, provision, reconcile
 from disposabledisco.bootstrap import BootstrapError
 from disposabledisco.cluster import TAG_FAILURES, TAG_UNREACHABLE, Node
 from disposabledisco.doctor import run_doctor
@@ -311,6 +311,10 @@ def test_fault_classes_of_failures() -> None:
     assert fault_of(CommandFailed(target, "bash -s", 1, "apt-get failed")) == "node"
     assert fault_of(BootstrapError("DISCO_TARBALL /x: no such file")) == "config"
     assert fault_of(TimeoutError()) == "node" and fault_of(None) == "node"
+    # a step failing on several nodes (membership) keeps the fault that is not the node's
+    assert provision._blame(["node", "tamper", "node"]) == "tamper"
+    assert provision._blame(["node", "config"]) == "config"
+    assert provision._blame(["node", "node"]) == "node"
 
 
 @pytest.mark.nodes

@@ -33,6 +33,7 @@ from disposabledisco.ssh import (
     SshSettings,
     Target,
     Unreachable,
+    fault_of,
 )
 from tests.node_fixtures import candidate_addresses, next_instance_id
 
@@ -619,6 +620,7 @@ def test_an_unprivileged_owners_files_are_written_and_read_as_that_owner(
                     attempt()
                 assert f"refusing {path} on " in str(refused.value)
                 assert f"found {found}" in str(refused.value) and iid in str(refused.value)
+                assert fault_of(refused.value) == "tamper"  # kept, never replaced for it
             assert time.monotonic() - started < 20  # a FIFO is never waited on
             assert sh("stat -c '%i %U %a %s' /etc/victim; sha256sum /etc/victim") == victim
         with pytest.raises(ValueError):
