@@ -625,11 +625,13 @@ def test_a_slave_that_never_became_ready_leaves_without_a_table_update():
     assert kinds(p) == ["CancelRequests", "Terminate", "Launch"]
 
 
+@pytest.mark.parametrize("naive", [False, True])  # a hand-edited tag without offset is UTC
 @pytest.mark.parametrize(("minutes", "gone"), [(14, False), (15, True)])
-def test_unresponsive_minutes_boundary(minutes, gone):
+def test_unresponsive_minutes_boundary(minutes, gone, naive):
     cfg = config(UNRESPONSIVE_MINUTES=15)
-    since = (NOW - timedelta(minutes=minutes)).isoformat()
-    assert unresponsive(cfg, node(tags={TAG_UNREACHABLE: since}), NOW) is gone
+    since = NOW - timedelta(minutes=minutes)
+    text = (since.replace(tzinfo=None) if naive else since).isoformat()
+    assert unresponsive(cfg, node(tags={TAG_UNREACHABLE: text}), NOW) is gone
 
 
 @pytest.mark.parametrize(("tags", "gone"), [
