@@ -11,9 +11,11 @@ module: one build each).
 from __future__ import annotations
 
 import functools
+import io
 import os
 import shutil
 import subprocess
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,3 +108,31 @@ def vendor_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Build,
     """The vendor bundle built once per session: (installed tarball, the build, its folder)."""
     need_tools(*BUILD_TOOLS)
     return _build_once(tmp_path_factory.getbasetemp())
+
+
+def rebundle(bundle: Path, dest: Path, change: dict[str, bytes | None]) -> Path:
+    """A copy of `bundle` with some files replaced (bytes) or removed (None)."""
+    with tarfile.open(bundle) as src, tarfile.open(dest, "w:gz") as out:
+        for member in src:
+            name = member.name.removeprefix("./")
+            if name in change:
+                data = change[name]
+                if data is None:
+                    continue
+                member.size = len(data)
+                out.addfile(member, io.BytesIO(data))
+            else:
+                out.addfile(member, src.extractfile(member) if member.isfile() else None)
+    return dest
+
+
+def read_member(bundle: Path, name: str) -> bytes:
+    with tarfile.open(bundle) as src:
+        return src.extractfile(name).read()
+
+
+def broken_bundle(dest: Path) -> Path:
+    """The source bundle with an Erlang syntax error in disco_server.erl: fails at compile."""
+    bundle = source_bundle()
+    name = "disco/master/src/disco_server.erl"
+    return rebundle(bundle, dest, {name: read_member(bundle, name) + b"\nthis is not erlang(\n"})

@@ -9,10 +9,8 @@ with the reason when it or a build tool is missing.
 from __future__ import annotations
 
 import atexit
-import io
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from disposabledisco.config import Config, parse_config
 from disposabledisco.disco_source import bundle_sha256
 from disposabledisco.provision import Provisioner
 from disposabledisco.sandbox.nodes import NodeFarm
-from tests.disco_bundle import source_bundle
+from tests.disco_bundle import broken_bundle, source_bundle
 from tests.node_fixtures import (  # noqa: F401 - pytest fixtures
     client_key,
     node_farm,
@@ -183,22 +181,9 @@ def disco_status(farm: NodeFarm, node: Node) -> str:
                           "PATH=/usr/bin:/bin disco status 2>&1")
 
 
-def rebundle(bundle: Path, dest: Path, name: str, append: bytes) -> Path:
-    """A copy of `bundle` with bytes appended to one member."""
-    with tarfile.open(bundle) as src, tarfile.open(dest, "w:gz") as out:
-        for member in src:
-            data = src.extractfile(member).read() if member.isfile() else None
-            if member.name.removeprefix("./") == name:
-                data += append
-                member.size = len(data)
-            out.addfile(member, io.BytesIO(data) if data is not None else None)
-    return dest
-
-
 def test_a_bundle_that_does_not_compile_is_the_configs_fault_naming_the_step(
         cluster, tmp_path: Path) -> None:
-    broken = rebundle(source_bundle(), tmp_path / "broken-src.tar.gz",
-                      "disco/master/src/disco_server.erl", b"\nthis is not erlang(\n")
+    broken = broken_bundle(tmp_path / "broken-src.tar.gz")
     prov, nodes, _ = cluster(broken, count=1)
     outcome = prov.bootstrap(nodes)[nodes[0].instance_id]
     assert not outcome.ok
