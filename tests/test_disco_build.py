@@ -10,7 +10,6 @@ the machine sees none of it; everything it started dies with the namespace's fir
 from __future__ import annotations
 
 import collections
-import io
 import json
 import os
 import shutil
@@ -28,7 +27,10 @@ from disposabledisco.disco_source import PINS, BundleError, assemble_bundle, bun
 from tests.disco_bundle import (
     BUILD_TOOLS,
     Build,
+    broken_bundle,
     need_tools,
+    read_member,
+    rebundle,
     run_build,
     source_bundle,
     vendor_build,
@@ -52,27 +54,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Build, Path]:
     tarball, build, out = vendor_build(tmp_path_factory)
     print(f"\nbuild: {build.seconds:.1f} s, installed tarball {tarball.stat().st_size} bytes")
     return tarball, build, out
-
-
-def rebundle(bundle: Path, dest: Path, change: dict[str, bytes | None]) -> Path:
-    """A copy of `bundle` with some files replaced (bytes) or removed (None)."""
-    with tarfile.open(bundle) as src, tarfile.open(dest, "w:gz") as out:
-        for member in src:
-            name = member.name.removeprefix("./")
-            if name in change:
-                data = change[name]
-                if data is None:
-                    continue
-                member.size = len(data)
-                out.addfile(member, io.BytesIO(data))
-            else:
-                out.addfile(member, src.extractfile(member) if member.isfile() else None)
-    return dest
-
-
-def read_member(bundle: Path, name: str) -> bytes:
-    with tarfile.open(bundle) as src:
-        return src.extractfile(name).read()
 
 
 def test_rendered_script_is_shellcheck_clean_and_carries_the_fixes(build_script: Path) -> None:
@@ -117,11 +98,8 @@ def test_second_run_with_the_same_bundle_does_nothing(
 
 def test_a_bundle_that_does_not_compile_fails_naming_the_step(
         build_script: Path, tmp_path: Path) -> None:
-    bundle = source_bundle()
-    name = "disco/master/src/disco_server.erl"
-    broken = rebundle(bundle, tmp_path / "broken.tar.gz",
-                      {name: read_member(bundle, name) + b"\nthis is not erlang(\n"})
-    result = run_build(build_script, broken, tmp_path / "out")
+    result = run_build(build_script, broken_bundle(tmp_path / "broken.tar.gz"),
+                       tmp_path / "out")
     assert result.returncode == 1
     assert "step compile failed" in result.stderr
     assert "disco_server.erl" in result.stderr  # the log tail shows the compiler's error
