@@ -117,13 +117,13 @@ def test_upstream_text_that_a_fix_does_not_expect_fails_naming_the_file(
                                               {name: changed}), tmp_path / "out")
     assert result.returncode == 1
     assert "step fixes failed" in result.stderr
-    assert "lib/disco/util.py: expected 1 occurrence(s) of 'from urlparse import urlparse'" \
+    assert "lib/disco/util.py: expected 1 occurrence of 'from urlparse import urlparse'" \
         in result.stderr
 
 
 def test_fixes_write_nothing_when_one_does_not_apply(tmp_path: Path) -> None:
     bundle = source_bundle()
-    names = sorted({name for name, _, _, _ in disco_fixes.FIXES})
+    names = sorted({name for name, _, _ in disco_fixes.FIXES})
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(read_member(bundle, f"disco/{name}"))
