@@ -789,6 +789,7 @@ def _disco_account_problems(data: Mapping[str, Any]) -> list[_Problem]:
     """DISCO_ROOT and DISCO_USER are created and owned on every node as root: a system
     folder or a privileged account there would give Disco jobs the system."""
     out: list[_Problem] = []
+    ssh_user = data.get("SSH_USER", _default("SSH_USER"))
     root = data.get("DISCO_ROOT", _default("DISCO_ROOT"))
     if isinstance(root, str) and root.startswith("/"):
         normal = posixpath.normpath("/" + root.lstrip("/"))
@@ -797,7 +798,6 @@ def _disco_account_problems(data: Mapping[str, Any]) -> list[_Problem]:
             out.append((("DISCO_ROOT",), f"DISCO_ROOT is {_show(root)}, a system folder that "
                                          "the nodes' bootstrap would hand to DISCO_USER; use a "
                                          "folder of Disco's own like \"/srv/disco\"."))
-        ssh_user = data.get("SSH_USER", _default("SSH_USER"))
         if isinstance(ssh_user, str) and normal == f"/home/{ssh_user}":
             out.append((("DISCO_ROOT",), f"DISCO_ROOT is {_show(root)}, the home of SSH_USER "
                                          f"{_show(ssh_user)}; use a folder of Disco's own like "
@@ -805,7 +805,7 @@ def _disco_account_problems(data: Mapping[str, Any]) -> list[_Problem]:
     user = data.get("DISCO_USER", _default("DISCO_USER"))
     if not isinstance(user, str):
         return out
-    if user == data.get("SSH_USER", _default("SSH_USER")):
+    if user == ssh_user:
         out.append((("DISCO_USER",), f"DISCO_USER is {_show(user)}, the same account as "
                                      "SSH_USER, which has passwordless sudo, so every Disco job "
                                      "could become root; use an account of its own like "
