@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import remote
-from .cluster import Cluster, Foreign, Node, ssh_address
+from .cluster import STATE_UNKNOWN, Cluster, Foreign, Node, ssh_address
 from .config import Config, usd
 from .hostkeys import HostKeyStore
 from .plan import Action
@@ -203,7 +203,7 @@ def _state_text(node: Node) -> str:
         return f"{node.state} ({node.reason})"
     if billed(node):
         return f"leaving the cluster: instance {node.instance_state}, still billed"
-    if node.reason == "instance state unknown":  # EC2 said something we cannot read
+    if node.reason == STATE_UNKNOWN:  # EC2 said something we cannot read
         return f"ended ({node.reason}): check it in the EC2 console"
     return "ended: no instance, not billed"
 
