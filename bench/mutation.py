@@ -36,10 +36,9 @@ MODULES: dict[str, list[str]] = {
     for name in ("plan", "cluster", "reconcile", "hostkeys", "disco", "tokens")
 }
 MODULES["config"] = [f"disposabledisco.config.{f}__mutmut_*" for f in (
-    "x__ecma_to_python", "x__pattern_keyword", "x__semantic_problems",
-    "x__launch_api_problems", "x__disco_account_problems", "x__is_price", "x__non_finite",
-    "x__tag_key_owner", "x__matches", "x__present", "x__normalize", "x__takes_integer",
-    "x__as_int", "x__redact", "x__safe_file_name", "x__warnings", "x__apt_source_warnings",
+    "x__ecma_to_python", "x__pattern_keyword", "x__semantic_problems", "x__is_price",
+    "x__non_finite", "x__tag_key_owner", "x__matches", "x__present", "x__normalize",
+    "x__takes_integer", "x__as_int", "x__redact", "x__safe_file_name", "x__warnings",
     "xǁConfigǁresolve_path")]
 
 #: Lowest accepted score (killed or timed out / all mutants) per module, in percent.
