@@ -435,18 +435,7 @@ def _run(args: argparse.Namespace) -> int:
 def _region_note(config: Config) -> None:
     """Say so when no region was set anywhere and the EC2 calls go to us-east-1 only
     because that is the fallback (a cluster in another region would look empty)."""
-    if config["REGION"] or config.endpoint_url:
-        return
-    if os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
-        return
-    import boto3
-    import botocore.exceptions
-    try:
-        profile_region = boto3.session.Session(
-            profile_name=config["AWS_PROFILE"] or None).region_name
-    except botocore.exceptions.BotoCoreError:
-        profile_region = None
-    if not profile_region:
+    if config.region_is_fallback and not config.endpoint_url:
         print(f"note: REGION is not set and neither AWS_REGION, AWS_DEFAULT_REGION nor the "
               f"AWS profile names a region, so {config.region} is used (the fallback); set "
               "REGION to choose", file=sys.stderr)

@@ -89,6 +89,8 @@ _MAX_INT_DIGITS = 4300
 _MAX_INT_BITS = 14_000  # about 4200 decimal digits: still printable in a message
 
 _PRICE_KEYS = ("MAX_BID", "MAX_HOURLY_COST")
+#: where EC2 calls go when no setting names a region (as boto3 would not decide at all)
+FALLBACK_REGION = "us-east-1"
 _MGMT_KEY_FILES = ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub")
 _SHOW_LIMIT = 60
 
@@ -216,15 +218,23 @@ class Config:
         return sum(g.count for g in self.slave_groups)
 
     @functools.cached_property
-    def region(self) -> str:
-        """The AWS region every EC2 call goes to, decided locally (no network).
-
-        REGION, else AWS_REGION or AWS_DEFAULT_REGION, else the region of AWS_PROFILE (the
-        config key, else the environment's profile) in ~/.aws/config, else us-east-1.
-        Decided once per Config: a profile's region costs a boto3 session (~4 ms, ~15
-        reads per pass), and one run must keep one region (its lock and its EC2 calls).
+    def _named_region(self) -> str | None:
+        """REGION, else AWS_REGION or AWS_DEFAULT_REGION, else the region of AWS_PROFILE (the
+        config key, else the environment's profile) in ~/.aws/config; None when nothing
+        names one. Decided once per Config: a profile's region costs a boto3 session (~4 ms,
+        ~15 reads per pass), and one run must keep one region (its lock and its EC2 calls).
         """
         return self.values.get("REGION") or _environment_region(self.values.get("AWS_PROFILE"))
+
+    @property
+    def region(self) -> str:
+        """The AWS region every EC2 call goes to, decided locally (no network)."""
+        return self._named_region or FALLBACK_REGION
+
+    @property
+    def region_is_fallback(self) -> bool:
+        """No setting names a region: the calls go to FALLBACK_REGION only by default."""
+        return self._named_region is None
 
     @property
     def endpoint_url(self) -> str | None:
@@ -266,9 +276,9 @@ class Config:
         return p.absolute()
 
 
-def _environment_region(profile: str | None) -> str:
-    """The region boto3 would pick without a REGION key, or us-east-1; reads only local
-    files. A profile that does not exist gives us-east-1 here; `load_config` refuses it."""
+def _environment_region(profile: str | None) -> str | None:
+    """The region boto3 would pick without a REGION key, or None; reads only local files.
+    A profile that does not exist gives None here; `load_config` refuses it."""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         return region
@@ -276,9 +286,9 @@ def _environment_region(profile: str | None) -> str:
     import botocore.exceptions  # noqa: PLC0415
 
     try:
-        return boto3.session.Session(profile_name=profile or None).region_name or "us-east-1"
+        return boto3.session.Session(profile_name=profile or None).region_name or None
     except botocore.exceptions.BotoCoreError:
-        return "us-east-1"
+        return None
 
 
 # --------------------------------------------------------------------------- schema

@@ -210,6 +210,10 @@ def test_region_fallback_is_said(write_config, monkeypatch, capsys, tmp_path) ->
     cli_module._region_note(load_config(path))
     err = capsys.readouterr().err
     assert "REGION is not set" in err and "us-east-1 is used (the fallback)" in err
+    (tmp_path / "aws-config").write_text("[default]\nregion = sa-east-1\n")
+    cli_module._region_note(load_config(path))
+    assert capsys.readouterr().err == ""  # the profile names one
+    (tmp_path / "aws-config").write_text("")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     cli_module._region_note(load_config(path))
     assert capsys.readouterr().err == ""

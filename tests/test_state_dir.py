@@ -63,10 +63,11 @@ def test_same_tag_key_in_two_regions_gets_two_folders_and_two_locks(tmp_path, cl
 
 def test_region_comes_from_the_environment_then_the_profile_then_us_east_1(tmp_path,
                                                                             clean_env):
-    assert config(tmp_path).region == "us-east-1"
+    assert config(tmp_path).region == "us-east-1" and config(tmp_path).region_is_fallback
     (tmp_path / "aws-config").write_text("[profile lab]\nregion = ap-south-1\n"
                                          "[default]\nregion = sa-east-1\n")
     assert config(tmp_path).region == "sa-east-1"
+    assert not config(tmp_path).region_is_fallback
     assert config(tmp_path, AWS_PROFILE="lab").region == "ap-south-1"
     clean_env.setenv("AWS_PROFILE", "lab")
     assert config(tmp_path).region == "ap-south-1"
@@ -75,6 +76,7 @@ def test_region_comes_from_the_environment_then_the_profile_then_us_east_1(tmp_p
     clean_env.setenv("AWS_REGION", "eu-south-1")
     assert config(tmp_path).region == "eu-south-1"
     assert config(tmp_path, REGION="us-west-2").region == "us-west-2"
+    assert not config(tmp_path, REGION="us-east-1").region_is_fallback
     assert config(tmp_path).state_dir.name == "disco-same@eu-south-1"
 
 
