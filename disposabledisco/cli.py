@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from . import __version__, remote
 from .bootstrap import BootstrapError
 from .cluster import Cluster, Node
-from .config import Config, ConfigError, default_config, load_config
+from .config import Config, ConfigError, default_config, load_config, plural
 from .ec2 import AwsError, Ec2Gateway
 from .lock import LockHeld, cluster_lock
 from .reconcile import (
@@ -414,13 +414,13 @@ def _run(args: argparse.Namespace) -> int:
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.command == "validate":
-        print(f"{args.config}: valid ({remote.plural(1 + config.desired_slaves, 'node')}, "
+        print(f"{args.config}: valid ({plural(1 + config.desired_slaves, 'node')}, "
               f"tag key {config.tag_key!r})")
         return EXIT_CONVERGED
     if args.command == "up" and args.timeout is not None and not args.wait:
         raise UsageError("--timeout only goes with --wait: add --wait or drop --timeout")
     if carried := carry_over_pins(config):
-        print(f"carried {remote.plural(carried, 'pinned host key')} over from "
+        print(f"carried {plural(carried, 'pinned host key')} over from "
               f"{config.legacy_state_dir} to {config.state_dir}", file=sys.stderr)
     if args.command == "forget-host-key":  # only touches a pin: no EC2 call to prepare
         return cmd_forget(config, args)

@@ -594,6 +594,12 @@ def _error_problems(error: ValidationError) -> list[_Problem]:
 # --------------------------------------------------------------------------- checks
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 node``, ``4 nodes``: counts in plain English (next to `usd`, as both shape the
+    numbers every module prints, the pure planner included)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def usd(value: float) -> str:
     """A price as people write it in the config: 0.10, 0.035, 1.50 (never 0.1)."""
     return f"{value:.2f}" if round(value, 2) == value else f"{value:.6g}"

@@ -19,9 +19,8 @@ from .cluster import (
     Cluster,
     Node,
 )
-from .config import Config, GroupSpec, usd
+from .config import Config, GroupSpec, plural, usd
 from .disco import membership_digest
-from .remote import plural
 
 
 @dataclass(frozen=True)

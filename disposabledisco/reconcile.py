@@ -29,7 +29,7 @@ from .cluster import (
     join_tag,
     ownership,
 )
-from .config import Config
+from .config import Config, plural
 from .disco import membership_digest
 from .ec2 import AwsError, Ec2Gateway
 from .hostkeys import HostKeyStore
@@ -47,7 +47,6 @@ from .plan import (
     plan,
     plan_down,
 )
-from .remote import plural
 from .ssh import SshError, fault_of
 from .tokens import TokenBook
 

@@ -26,7 +26,7 @@ from typing import Any, TextIO, TypeVar
 
 from . import statefiles
 from .cluster import Cluster, Node, ssh_address
-from .config import Config
+from .config import Config, plural
 from .disco import short_name
 from .ec2 import Ec2Gateway
 from .hostkeys import HostKeyStore, HostKeyVerifier
@@ -259,10 +259,6 @@ def summary(runs: Sequence[NodeRun], what: str = "exited 0") -> str:
                                       else "not done") for r in bad)
     return f"{head}, {len(bad)} failed ({shown})"
 
-
-def plural(count: int, noun: str) -> str:
-    """``1 node``, ``4 nodes``."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 # ------------------------------------------------------------------------- files

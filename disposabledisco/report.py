@@ -14,7 +14,7 @@ from typing import Any
 
 from . import remote
 from .cluster import STATE_UNKNOWN, Cluster, Foreign, Node, ssh_address
-from .config import Config, usd
+from .config import Config, plural, usd
 from .hostkeys import HostKeyStore
 from .plan import Action
 from .reconcile import EXIT_CONVERGED, EXIT_FAILED, EXIT_PROGRESSING, PassReport
@@ -124,7 +124,7 @@ def foreign_warning(config: Config, cluster: Cluster) -> str | None:
     shown = "; ".join(f"{f.kind} {f.resource_id} ({f.reason})" for f in found[:FOREIGN_SHOWN])
     more = f"; … {len(found) - FOREIGN_SHOWN} more" if len(found) > FOREIGN_SHOWN else ""
     are = "is" if len(found) == 1 else "are"
-    return (f"warning: {remote.plural(len(found), 'resource')} under TAG_KEY "
+    return (f"warning: {plural(len(found), 'resource')} under TAG_KEY "
             f"{config.tag_key!r} {are} not this cluster's and {are} left alone: {shown}{more}")
 
 
@@ -187,10 +187,10 @@ def _cost_lines(config: Config, cluster: Cluster, prices: Prices) -> list[str]:
     cost = cost_json(config, cluster, prices)
     if not cost["billed_nodes"]:
         return ["cost: nothing is billed now (no instance is running)"]
-    line = (f"cost: {remote.plural(cost['billed_nodes'], 'billed node')}, "
+    line = (f"cost: {plural(cost['billed_nodes'], 'billed node')}, "
             f"{usd(cost['usd_per_hour_now'])} USD/hour at current spot prices")
     if cost["nodes_without_a_known_price"]:
-        line += (f" plus {remote.plural(len(cost['nodes_without_a_known_price']), 'node')} "
+        line += (f" plus {plural(len(cost['nodes_without_a_known_price']), 'node')} "
                  "at a price EC2 did not say (on-demand, or no spot price history)")
     return [line,
             f"      at most {usd(cost['usd_per_hour_at_most'])} USD/hour for the spot nodes "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
@@ -672,3 +674,13 @@ def test_launch_key_is_40_hex_and_ignores_other_groups():
     other = node(group="c5.xlarge", instance_type="c5.xlarge")
     assert launch_key("dd", group, 1, "spot", Cluster((other,))) == \
         launch_key("dd", group, 1, "spot", Cluster(()))
+
+
+def test_the_planner_imports_no_io_module() -> None:
+    """plan.py is pure: importing it must not pull in the SSH or EC2 gateways."""
+    code = ("import sys, disposabledisco.plan\n"
+            "print(sorted(m for m in sys.modules if m in ('paramiko', 'boto3', "
+            "'disposabledisco.remote', 'disposabledisco.ssh', 'disposabledisco.ec2')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]", out
