@@ -221,21 +221,19 @@ def apt_packages_for(config: Config, role: str) -> list[str]:
             if DISCO_APT_ROLE_ONLY.get(p, role) == role]
 
 
-def _local_file(config: Config, key: str, mode: str) -> Path | None:
-    value = config[key]
-    if config["DISCO_INSTALL"] != mode or not value or value.startswith(("https://", "s3://")):
-        return None
-    return config.resolve_path(value)
+def _local_file(config: Config, key: str) -> Path | None:
+    value = config.local_upload(key)
+    return None if value is None else config.resolve_path(value)
 
 
 def local_tarball(config: Config) -> Path | None:
     """The operator-side Disco tarball file, when DISCO_INSTALL is tarball from a path."""
-    return _local_file(config, "DISCO_TARBALL", "tarball")
+    return _local_file(config, "DISCO_TARBALL")
 
 
 def local_source(config: Config) -> Path | None:
     """The operator-side source bundle, when DISCO_INSTALL is source from a path."""
-    return _local_file(config, "DISCO_SOURCE", "source")
+    return _local_file(config, "DISCO_SOURCE")
 
 
 def tarball_sha256(config: Config) -> str:

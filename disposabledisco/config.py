@@ -258,6 +258,16 @@ class Config:
             name += "+" + hashlib.sha256(self.endpoint_url.encode("utf-8")).hexdigest()[:8]
         return self.resolve_path(self.values["STATE_DIR"]) / name
 
+    def local_upload(self, key: str) -> str | None:
+        """DISCO_TARBALL or DISCO_SOURCE as written, when this DISCO_INSTALL uploads it from
+        this machine (a path, not a URL); None otherwise. The one rule for both the load
+        checks and the bootstrap."""
+        value = self.values.get(key)
+        if (self.values.get("DISCO_INSTALL") != _INSTALL_KEYS[key] or not isinstance(value, str)
+                or not value or value.startswith(("https://", "s3://"))):
+            return None
+        return value
+
     @property
     def legacy_state_dir(self) -> Path:
         """Where versions before the per-region folders kept this cluster's state
@@ -1161,9 +1171,7 @@ def _local_problems(config: Config) -> list[str]:
     out = []
     paths = {"STATE_DIR": config["STATE_DIR"], "SSH_KEY_FILE": config["SSH_KEY_FILE"]}
     for key in _LOCAL_UPLOADS:
-        value = config[key]
-        if (config["DISCO_INSTALL"] == _INSTALL_KEYS[key] and isinstance(value, str)
-                and not value.startswith(("https://", "s3://"))):
+        if (value := config.local_upload(key)) is not None:
             paths[key] = value
     for key, value in list(paths.items()):
         if isinstance(value, str) and value.startswith("~") and _home_missing(value):
