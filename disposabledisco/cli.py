@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from . import __version__, remote
 from .bootstrap import BootstrapError
 from .cluster import Cluster, Node
-from .config import Config, ConfigError, default_config, load_config, plural
+from .config import Config, ConfigError, default_config, load_config, plural, schema_text
 from .ec2 import AwsError, Ec2Gateway
 from .lock import LockHeld, cluster_lock
 from .reconcile import (
@@ -397,9 +397,9 @@ def _fail(args: argparse.Namespace, lines: str | list[str], code: int) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "init":
-        from .init import init_notes, render_default_config, render_schema
-        if args.schema:
-            sys.stdout.write(render_schema())
+        from .init import init_notes, render_default_config
+        if args.schema:  # saved next to a config, where its relative "$schema" finds it
+            sys.stdout.write(schema_text())
             return EXIT_CONVERGED
         fresh = default_config()
         sys.stdout.write(render_default_config(fresh))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from disposabledisco.config import SCHEMA_REF, default_config, schema_text
+from disposabledisco.config import SCHEMA_REF, default_config
 
 
 def render_default_config(cfg: dict[str, Any] | None = None) -> str:
@@ -16,12 +16,6 @@ def render_default_config(cfg: dict[str, Any] | None = None) -> str:
     """
     return json.dumps(default_config() if cfg is None else cfg, indent=2,
                       ensure_ascii=False) + "\n"
-
-
-def render_schema() -> str:
-    """The JSON Schema shipped in the package, for `init --schema` to save next to a config
-    where the config's relative "$schema" finds it."""
-    return schema_text()
 
 
 def init_notes(cfg: dict[str, Any]) -> list[str]:
