@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..bootstrap import template
 from ..deps import SANDBOX, require
 
-require(SANDBOX)  # one line naming what to install, before moto is imported below
+require(SANDBOX)  # one line naming what to install, before any third-party import below
 
+from ..bootstrap import template  # noqa: E402
 from .endpoint import DUMMY_KEY_ID, DUMMY_SECRET, LocalEc2  # noqa: E402
 from .loopback import endpoint_answers, free_subnet  # noqa: E402
 from .market import SpotMarket  # noqa: E402
