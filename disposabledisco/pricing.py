@@ -121,19 +121,22 @@ def failure_reason(error: Exception) -> str:
 def on_demand_prices(config: Config, instance_types: Iterable[str], client: Any = None,
                      now: float | None = None) -> OnDemand:
     """The on-demand price of each type in the config's region: from the cache when it is
-    fresh, else one GetProducts call per type (none for no type). Never raises for a
-    pricing failure; the reason is in `OnDemand.unknown`."""
+    fresh, else one GetProducts call per type (none for no type; after a failed call, the
+    other types share its verdict without a call). Never raises for a pricing failure;
+    the reason is in `OnDemand.unknown`."""
     moment = time.time() if now is None else now
     cache = _read_cache(config)
     prices: dict[str, float] = {}
     unknown: dict[str, str] = {}
     changed = False
+    failure: dict[str, Any] | None = None  # a failed call this run: not asked again
     for instance_type in sorted(set(instance_types)):
         entry = cache.get(instance_type)
         if not _fresh(entry, moment):
             if client is None:
                 client = _Lazy(config)
-            entry = _ask(client, instance_type, config.region, moment)
+            entry = failure or _ask(client, instance_type, config.region, moment)
+            failure = entry if entry.get("failed") else failure
             cache[instance_type] = entry
             changed = True
         if entry.get("usd") is not None:
@@ -168,7 +171,7 @@ def _ask(client: Any, instance_type: str, region: str, moment: float) -> dict[st
     except (ClientError, BotoCoreError, ValueError, KeyError, TypeError,
             AttributeError) as error:
         return {"usd": None, "reason": failure_reason(error), "at": moment,
-                "ttl": FAILURE_SECONDS}
+                "ttl": FAILURE_SECONDS, "failed": True}
     if usd is None:
         return {"usd": None, "reason": f"no Linux on-demand price listed in {region}",
                 "at": moment, "ttl": FRESH_SECONDS}

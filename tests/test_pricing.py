@@ -226,8 +226,10 @@ def test_a_denied_pricing_call_never_fails_status(write_config, priced_market, l
     path = mixed_cluster(write_config, priced_market)
     local_ec2.set_http_hook(deny_pricing, slot="deny")
     try:
+        calls.clear()
         code, out, err = cli("status", path)
         assert code == 10 and "Traceback" not in err  # progressing (--ec2-only), as ever
+        assert calls.count("GetProducts") == 1, calls  # the second type is not asked
         assert "      on-demand: unknown (pricing:GetProducts denied)" in out, out
         assert "cost: 4 billed nodes, 0.1236 USD/hour at current spot prices" in out
         code, out, _ = cli("status", path, "--json")
@@ -252,3 +254,4 @@ def test_an_unreachable_pricing_endpoint_is_unknown_quickly(write_config, priced
     took = time.monotonic() - started
     assert "      on-demand: unknown (pricing API unreachable)" in out, out + err
     assert "GetProducts" not in calls and took < 15, (calls, took)
+    print(f"status with an unreachable pricing endpoint: {took:.1f} s")
