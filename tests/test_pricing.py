@@ -132,6 +132,14 @@ def test_one_call_per_type_then_a_day_from_the_cache(write_config, priced_market
     assert on_demand_prices(config, [], now=start) == pricing.OnDemand()
 
 
+def test_the_price_is_the_one_of_the_configs_region(write_config, priced_market, calls):
+    """The market serves us-east-1: asked for eu-west-1, the Price List lists nothing."""
+    config = load_config(write_config(REGION="eu-west-1"))
+    found = on_demand_prices(config, ["m5.large"])
+    assert dict(found.unknown) == {"m5.large": "no Linux on-demand price listed in eu-west-1"}
+    assert calls == ["GetProducts"]
+
+
 def test_a_failure_is_kept_a_quarter_of_an_hour_then_asked_again(write_config, priced_market,
                                                                   local_ec2, calls):
     config = load_config(write_config())
