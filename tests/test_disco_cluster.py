@@ -418,11 +418,13 @@ def test_scale_to_one_slave_while_a_job_runs(e2e: E2eEnv, converged: Converged) 
     before = observe_cluster(converged.cfg)
     down = scale_down_during_a_job(e2e, converged, 1, "drainto1")
     assert down.code == 0, down.out + down.err
-    print(f"\n2 -> 1 slave while a job runs: {down.seconds:.1f} s")
     kept = {n.instance_id for n in down.kept}
     assert_drained(down, before.master, [n for n in live(before, "slave")
                                          if n.instance_id not in kept])
-    assert down.job.result().counts == expected_counts(down.texts)
+    job = down.job.result()
+    assert job.counts == expected_counts(down.texts)
+    print(f"\n2 -> 1 slave while a job runs: {down.seconds:.1f} s; {job.line}; "
+          f"{down.out.count('Disco restart pending on ')} passes waited for the job")
     pending = down.out.find("Disco restart pending on ")
     assert pending >= 0 and "waiting for job(s) drainto1@" in down.out, down.out
     assert down.out.find("restarted Disco on ", pending) > pending, down.out
