@@ -107,7 +107,8 @@ def test_only_outputs_of_the_job_that_are_on_no_host_of_the_cluster_are_lost(
     result = erlc(fixed_tree, tmp_path, "+export_all")
     assert result.returncode == 0, result.stderr
     run = subprocess.run(["erl", "-noshell", "-pa", str(tmp_path), "-eval", CASES],
-                         capture_output=True, text=True, timeout=60, check=False)
+                         capture_output=True, text=True, timeout=60, check=False,
+                         cwd=tmp_path)  # a crash writes erl_crash.dump here
     assert run.returncode == 0, run.stdout + run.stderr
     # all: task 1 (twice, reported once) and 4 (a dir file); not 2 (on a kept host), 3 (no
     # known host), 5 (one replica on the master) nor the job's own input (cannot be remade)
