@@ -46,6 +46,7 @@ from .report import (
     foreign_json,
     foreign_warning,
     node_json,
+    parked_pools,
     pass_json,
     render_pass,
     status_table,
@@ -548,13 +549,15 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     ec2 = Ec2Gateway(config)
     cluster = observe(config, ec2)
     prices = spot_prices(ec2, cluster)
+    parked = parked_pools(config)
     if args.json:
         print(json.dumps({"nodes": [node_json(n, prices) for n in cluster.nodes],
                           "foreign": [foreign_json(f) for f in cluster.foreign],
-                          "cost": cost_json(config, cluster, prices)},
+                          "cost": cost_json(config, cluster, prices),
+                          "parked": [p.to_json() for p in parked]},
                          indent=2, sort_keys=True))
     else:
-        print(status_table(config, cluster, prices, show_all=args.all))
+        print(status_table(config, cluster, prices, show_all=args.all, parked=parked))
     live = [n for n in cluster.nodes if n.is_live]
     ready = len(live) == 1 + config.desired_slaves and all(n.state == "ready" for n in live)
     return EXIT_CONVERGED if ready else EXIT_PROGRESSING

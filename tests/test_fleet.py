@@ -100,12 +100,12 @@ def test_no_pool_under_the_bid_is_one_aws_error_line(ec2_env, spot_market, write
 def test_retried_launch_with_the_same_client_token_creates_nothing_twice(
         ec2_env, spot_market, write_config):
     gateway = Ec2Gateway(load_config(write_config()))
-    first = gateway.launch("slave", "m5.large", "m5.large", 2, "spot", 0.10, "tok-1")
+    first = gateway.launch("slave", "m5.large", "m5.large", 2, "spot", 0.10, "tok-1").ids
     again = Ec2Gateway(load_config(write_config())).launch(
-        "slave", "m5.large", "m5.large", 2, "spot", 0.10, "tok-1")
+        "slave", "m5.large", "m5.large", 2, "spot", 0.10, "tok-1").ids
     assert first == again and len(first) == 2
     assert live(ec2_env) == [("slave", "m5.large")] * 2
-    other = gateway.launch("slave", "m5.large", "m5.large", 1, "spot", 0.10, "tok-2")
+    other = gateway.launch("slave", "m5.large", "m5.large", 1, "spot", 0.10, "tok-2").ids
     assert set(other).isdisjoint(first)
     assert len(live(ec2_env)) == 3
 
