@@ -488,7 +488,7 @@ def cmd_up(config: Config, args: argparse.Namespace) -> int:
             report = run_pass(config, ec2, workers)
             code = report.exit_code
             final = (not args.wait or code == EXIT_CONVERGED or _permanent(report)
-                     or time.monotonic() >= deadline)
+                     or _parked_only(report) or time.monotonic() >= deadline)
             status.clear()
             if not final:
                 if not args.json and any(not r.skipped for r in report.results):
@@ -543,6 +543,12 @@ def _permanent(report: PassReport) -> bool:
         return True
     return any(not r.ok and (r.action.mutates_ec2 or r.needs_the_operator)
                for r in report.results)
+
+
+def _parked_only(report: PassReport) -> bool:
+    """Nothing to do but wait for parked capacity pools (minutes away): `--wait` stops
+    instead of polling EC2 until then; the report says when to run again."""
+    return bool(report.plan.notes) and not report.did_something
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:

@@ -40,6 +40,9 @@ def up_verdict(report: PassReport, wait: bool, elapsed: float, timeout: float) -
     took = f" after {elapsed:.1f} s" if wait else ""
     if code == EXIT_CONVERGED:
         return f"converged{took}: the cluster matches the config"
+    if report.plan.notes:
+        return (f"waiting for parked capacity pools{took} (see 'parked:' above): run again "
+                "after the time shown, or add subnets (SUBNET_ID) or instance types")
     if wait:
         return (f"not converged after {elapsed:.1f} s (--timeout {timeout:g}): run again "
                 "to continue")

@@ -8,6 +8,7 @@ and `up` answers 10 while it progresses.
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timedelta
 
 import pytest
@@ -145,6 +146,11 @@ def test_every_pool_parked_is_said_plainly_exits_10_and_bids_nothing(
     calls.clear()
     assert up(path) == 10  # and again: two reads, no create, no wait
     assert calls == ["DescribeSpotInstanceRequests", "DescribeInstances"]
+    calls.clear()
+    started = time.monotonic()
+    assert up(path, "--wait", "--timeout", "120") == 10  # --wait does not poll for the park
+    assert time.monotonic() - started < 10 and len(calls) == 2
+    assert "waiting for parked capacity pools after" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("api", ["spot-requests", "fleet"])

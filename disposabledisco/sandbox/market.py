@@ -9,6 +9,10 @@ its extra state next to moto's own objects:
 * ``RequestSpotInstances`` creates requests ``open``/``pending-evaluation`` with no
   instance; :meth:`SpotMarket.tick` fulfils them once ``fulfil_delay`` simulated seconds have
   passed, the simulated price is at most the bid and capacity remains.
+* capacity is capped per instance type and, optionally, per pool (type in one subnet or
+  zone, :meth:`SpotMarket.set_capacity` with ``place``): a request there stays open as
+  ``capacity-not-available``, a spot ``RunInstances`` fails with
+  ``InsufficientInstanceCapacity`` and a ``CreateFleet`` reports that pool in ``Errors``.
 * interruptions (explicit, random, by price or by lost capacity) close one-time requests
   and reopen persistent ones; terminating an instance does the same (``...-by-user``).
 * cancelling keeps the request visible as ``cancelled`` and never terminates its instance.
@@ -990,8 +994,10 @@ class SpotMarket:
                     "LaunchTemplateSpecification": config.get("LaunchTemplateSpecification"),
                     "Overrides": override}, "Lifecycle": "spot"}
                 if code:
-                    errors.append({**pool, "ErrorCode": code,
-                                   "ErrorMessage": f"no spot {itype} at or under the bid"})
+                    errors.append({**pool, "ErrorCode": code, "ErrorMessage": (
+                        f"no spot {itype} at or under the bid" if code == "SpotMaxPriceTooLow"
+                        else f"There is no Spot capacity available that matches your "
+                             f"request for {itype} here.")})
                 else:
                     pools.append((self.price(itype), len(pools), room, config, override, pool))
         answer = {"FleetId": f"fleet-{uuid.uuid4()}", "Instances": [], "Errors": errors}
