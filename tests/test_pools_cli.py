@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from disposabledisco import ec2 as ec2_module
 from disposabledisco import reconcile, report
 from disposabledisco.cli import main
 
@@ -99,17 +98,8 @@ def test_spot_bids_stuck_without_capacity_are_parked_and_rebid_in_the_other_subn
 
 
 def test_a_fleet_parks_the_pool_in_its_errors_and_leaves_it_out_of_the_next_overrides(
-        ec2_env, spot_market, write_config, capsys, monkeypatch):
-    sent = []
-    real = ec2_module.make_client
-
-    def spying_client(*args, **kwargs):
-        client = real(*args, **kwargs)
-        client.meta.events.register("provide-client-params.ec2.CreateFleet",
-                                    lambda params, **_: sent.append(params))
-        return client
-
-    monkeypatch.setattr(ec2_module, "make_client", spying_client)
+        ec2_env, spot_market, write_config, capsys, create_fleet_params):
+    sent = create_fleet_params
     a, b = subnets(ec2_env, 2)
     spot_market.set_capacity("m5.large", 0, place=a)
     path = write_config(LAUNCH_API="fleet", TAG_KEY="ddpoolf", SUBNET_ID=[a, b], NUM_SLAVES=2)
