@@ -886,6 +886,12 @@ def _warnings(values: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:
         out.append(f"TAG_KEY is {_show(_OLD_DEFAULT_TAG_KEY)}, the default of earlier versions "
                    "that other configs may share, and clusters sharing a TAG_KEY take each "
                    "other's nodes; keep it only if no other config in this account uses it.")
+    subnets = values["SUBNET_ID"]
+    if isinstance(subnets, list) and len(subnets) > 1 and values["AVAILABILITY_ZONE"]:
+        out.append(f"SUBNET_ID lists {len(subnets)} subnets and AVAILABILITY_ZONE is set, so "
+                   "every launch asks for that zone and EC2 refuses it in a subnet of another "
+                   "zone; remove AVAILABILITY_ZONE (a subnet names its zone) unless all the "
+                   "subnets are in it.")
     if values["HOST_KEY_POLICY"] == "insecure":
         out.append("HOST_KEY_POLICY is \"insecure\": SSH host keys are not checked, so use it "
                    "only for tests.")

@@ -192,6 +192,18 @@ def test_a_bad_subnet_list_is_one_sentence_and_exit_2_before_any_ec2_call(
     assert not (tmp_path / "state").exists()
 
 
+def test_a_subnet_list_with_an_availability_zone_is_warned_about():
+    """A subnet's zone is unknown without an EC2 call: a warning, not a refusal."""
+    def about_subnets(**settings):
+        return [w for w in config(**settings).warnings if "SUBNET_ID" in w]
+
+    [warning] = about_subnets(SUBNET_ID=[A, B], AVAILABILITY_ZONE="us-east-1a")
+    assert warning.startswith("SUBNET_ID lists 2 subnets and AVAILABILITY_ZONE is set")
+    assert not about_subnets(SUBNET_ID=[A], AVAILABILITY_ZONE="us-east-1a")
+    assert not about_subnets(SUBNET_ID=A, AVAILABILITY_ZONE="us-east-1a")
+    assert not about_subnets(SUBNET_ID=[A, B])
+
+
 def test_a_subnet_list_and_capacity_park_minutes_are_accepted():
     cfg = config(SUBNET_ID=[A, B], CAPACITY_PARK_MINUTES=5)
     assert cfg.places == (A, B) and cfg["CAPACITY_PARK_MINUTES"] == 5
