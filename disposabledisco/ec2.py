@@ -82,12 +82,16 @@ class NotOurs(AwsError):
 
 
 class NoCapacity(AwsError):
-    """EC2 had no capacity in the pools asked for; `pools` maps each to EC2's code."""
+    """EC2 had no capacity in the pools asked for; `pools` maps each to EC2's code, and
+    `advice` is what else helps (HINTS: a limit of the account is not a pool's)."""
 
-    def __init__(self, code: str, message: str, pools: Mapping[Pool, str]) -> None:
-        super().__init__(code, message, "those pools are parked and the next pass launches "
-                         "elsewhere (see CAPACITY_PARK_MINUTES)")
+    def __init__(self, code: str, message: str, pools: Mapping[Pool, str],
+                 advice: str = "") -> None:
+        super().__init__(code, message, "; ".join(filter(None, [
+            advice, "those pools are parked and the next pass launches elsewhere (see "
+            "CAPACITY_PARK_MINUTES)"])))
         self.pools = dict(pools)
+        self.advice = advice
 
 
 @dataclass(frozen=True)
@@ -322,7 +326,8 @@ class Ec2Gateway:
                 self._our_instances.update(ids)
         except AwsError as error:
             if error.code in CAPACITY_CODES:
-                raise NoCapacity(error.code, error.message, {pools[0]: error.code}) from None
+                raise NoCapacity(error.code, error.message, {pools[0]: error.code},
+                                 _hint(self.config, error.code)) from None
             raise
         return Launched(ids, {})
 
@@ -424,8 +429,8 @@ class Ec2Gateway:
         code = str(first.get("ErrorCode") or "MalformedResponse")
         message = str(first.get("ErrorMessage") or "the fleet launched nothing")
         if full:
-            raise NoCapacity(code if code in CAPACITY_CODES else next(iter(full.values())),
-                             message, full)
+            code = code if code in CAPACITY_CODES else next(iter(full.values()))
+            raise NoCapacity(code, message, full, _hint(self.config, code))
         raise AwsError(code, message, _hint(self.config, code) or "run again later")
 
     def _request_spot(self, pool: Pool, count: int, bid: float | None, token: str,

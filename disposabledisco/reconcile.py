@@ -285,8 +285,9 @@ class _Applier:
                                        self.tokens.token_for(action.key, self.now),
                                        action.pools)
         except NoCapacity as error:
-            return ActionResult(action, True, f"EC2 {error.code}: {self._park(error.pools)}",
-                                skipped=True)
+            advice = f" ({error.advice})" if error.advice else ""
+            return ActionResult(action, True, f"EC2 {error.code}: {self._park(error.pools)}"
+                                f"{advice}", skipped=True)
         parked = f"; {self._park(launched.full)}" if launched.full else ""
         return ActionResult(action, True, ", ".join(launched.ids) + parked)
 

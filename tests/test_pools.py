@@ -9,12 +9,14 @@ import json
 import os
 from datetime import timedelta
 
+import boto3
 import pytest
+from botocore.stub import Stubber
 
 from disposabledisco import reconcile
 from disposabledisco.cli import main
 from disposabledisco.cluster import Cluster
-from disposabledisco.ec2 import NoCapacity
+from disposabledisco.ec2 import HINTS, AwsError, Ec2Gateway, NoCapacity
 from disposabledisco.plan import CancelRequests, Launch, plan
 from disposabledisco.pools import Park, ParkBook, in_force
 from disposabledisco.statefiles import StateFileError
@@ -215,13 +217,13 @@ def test_a_subnet_list_and_capacity_park_minutes_are_accepted():
 def test_a_capacity_error_parks_the_pool_and_the_pass_progresses(tmp_path):
     cfg, ec2 = unit_config(tmp_path, NUM_SLAVES=0, SUBNET_ID=[A, B]), FakeEc2()
     ec2.fail_launch = NoCapacity("InsufficientInstanceCapacity", "no m5.large",
-                                 {(M5, A): "InsufficientInstanceCapacity"})
+                                 {(M5, A): "InsufficientInstanceCapacity"}, "try another")
     report = reconcile.run_pass(cfg, ec2, None, now=lambda: NOW)
     [result] = report.results
     assert result.skipped and result.ok and result.action.pools == ((M5, A),)
     assert result.detail == (f"EC2 InsufficientInstanceCapacity: no capacity in m5.large in "
                              f"{A}: parked until 2026-11-21 12:30 UTC; the next pass "
-                             "launches elsewhere")
+                             "launches elsewhere (try another)")
     assert report.exit_code == reconcile.EXIT_PROGRESSING
     assert list(ParkBook(cfg.state_dir).parked(NOW)) == [(M5, A)]
     ec2.fail_launch = None
@@ -245,3 +247,68 @@ def test_a_dry_run_parks_nothing(tmp_path):
     assert list(ParkBook(cfg.state_dir).parked(NOW)) == [(M5, A)]
     assert [type(r.action).__name__ for r in real.results] == ["CancelRequests", "Launch"]
     assert real.results[1].action.pools == ((M5, B),)
+
+
+# -- the gateway's error mapping (a real boto3 client, answers stubbed) ----------------------
+
+def stubbed_gateway(cfg, sent=None):
+    """A gateway over a real boto3 client whose answers come from a Stubber; `sent`
+    collects the parameters of every call."""
+    client = boto3.client("ec2", region_name="us-east-1", aws_access_key_id="x",
+                          aws_secret_access_key="x")
+    if sent is not None:
+        client.meta.events.register("provide-client-params.ec2.*",
+                                    lambda params, **_: sent.append(params))
+    return Ec2Gateway(cfg, client=client), Stubber(client)
+
+
+@pytest.mark.parametrize(("market", "operation", "code"), [
+    ("spot", "request_spot_instances", "InsufficientInstanceCapacity"),
+    ("spot", "request_spot_instances", "MaxSpotInstanceCountExceeded"),
+    ("on-demand", "run_instances", "InsufficientInstanceCapacity"),
+])
+def test_a_capacity_error_of_a_one_pool_create_names_that_pool(market, operation, code):
+    sent = []
+    gateway, stub = stubbed_gateway(config(SUBNET_ID=[A, B]), sent)
+    stub.add_client_error(operation, service_error_code=code, service_message="none left")
+    with stub, pytest.raises(NoCapacity) as caught:
+        gateway.launch("slave", M5, M5, 2, market, 0.1, "tok", ((M5, B),))
+    [params] = sent
+    assert params.get("LaunchSpecification", params)["SubnetId"] == B  # the pool's subnet
+    assert caught.value.pools == {(M5, B): code} and caught.value.code == code
+    assert str(caught.value).startswith(f"EC2 {code}: none left (")
+    assert caught.value.advice == HINTS[code]  # a spot limit says to ask AWS, not just wait
+    assert str(caught.value).endswith("; those pools are parked and the next pass launches "
+                                      "elsewhere (see CAPACITY_PARK_MINUTES))")
+
+
+def test_another_error_of_a_create_stays_an_aws_error():
+    gateway, stub = stubbed_gateway(config(SUBNET_ID=[A, B]))
+    stub.add_client_error("request_spot_instances", service_error_code="SpotMaxPriceTooLow")
+    with stub, pytest.raises(AwsError) as caught:
+        gateway.launch("slave", M5, M5, 1, "spot", 0.1, "tok", ((M5, A),))
+    assert not isinstance(caught.value, NoCapacity)
+
+
+def test_a_fleet_returns_its_full_pools_beside_the_instances_it_launched():
+    sent = []
+    gateway, stub = stubbed_gateway(config(SUBNET_ID=[A, B], LAUNCH_API="fleet"), sent)
+    stub.add_response("create_launch_template", {})
+    full = {"LaunchTemplateAndOverrides": {"Overrides": {"InstanceType": M5, "SubnetId": A}},
+            "ErrorCode": "InsufficientInstanceCapacity", "ErrorMessage": "none"}
+    price = {"LaunchTemplateAndOverrides": {"Overrides": {"InstanceType": M6, "SubnetId": B}},
+             "ErrorCode": "SpotMaxPriceTooLow", "ErrorMessage": "dear"}
+    stub.add_response("create_fleet", {"FleetId": "fleet-1", "Errors": [full, price],
+                                       "Instances": [{"InstanceIds": ["i-1", "i-2"]}]})
+    with stub:
+        launched = gateway.launch("slave", M5, M5, 2, "spot", 0.1, "tok",
+                                  ((M5, A), (M5, B), (M6, B)))
+    overrides = sent[1]["LaunchTemplateConfigs"][0]["Overrides"]
+    assert [(o["InstanceType"], o["SubnetId"]) for o in overrides] == [(M5, A), (M5, B), (M6, B)]
+    assert launched.ids == ["i-1", "i-2"]
+    assert launched.full == {(M5, A): "InsufficientInstanceCapacity"}  # not the price error
+    stub.add_response("create_fleet", {"FleetId": "fleet-2", "Errors": [price, full],
+                                       "Instances": []})
+    with stub, pytest.raises(NoCapacity) as caught:
+        gateway.launch("slave", M5, M5, 2, "spot", 0.1, "tok2", ((M5, A), (M6, B)))
+    assert caught.value.pools == {(M5, A): "InsufficientInstanceCapacity"}
