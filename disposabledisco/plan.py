@@ -241,11 +241,13 @@ def node_pool(config: Config, node: Node) -> Pool:
 def _give_up_stuck_bids(draft: _Draft) -> None:
     """An open bid that EC2 holds in a capacity status waits for nothing: cancel it and
     park its pool, so this pass bids elsewhere (only while CAPACITY_PARK_MINUTES is on;
-    else it waits out SPOT_OPEN_TIMEOUT_MINUTES as any open bid)."""
+    else it waits out SPOT_OPEN_TIMEOUT_MINUTES as any open bid). One found only after
+    that timeout parks its pool too."""
     minutes = draft.config.get("CAPACITY_PARK_MINUTES") or 0
     for node in draft.cluster.nodes:
-        if minutes > 0 and node.state == "open" and node.status_code in CAPACITY_CODES:
-            draft.remove(node)
+        if minutes > 0 and node.request_state == "open" and node.status_code in CAPACITY_CODES:
+            if node.is_live:  # else open too long: _clean_up_dead cancels it already
+                draft.remove(node)
             pool = node_pool(draft.config, node)
             draft.parks[pool] = node.status_code
             draft.parked[pool] = Park(pool, draft.now + timedelta(minutes=minutes),
