@@ -546,9 +546,9 @@ def _permanent(report: PassReport) -> bool:
 
 
 def _parked_only(report: PassReport) -> bool:
-    """Nothing to do but wait for parked capacity pools (minutes away): `--wait` stops
+    """Nothing to do or await but parked capacity pools (minutes away): `--wait` stops
     instead of polling EC2 until then; the report says when to run again."""
-    return bool(report.plan.notes) and not report.did_something
+    return bool(report.plan.notes) and not report.did_something and not waiting_text(report)
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:

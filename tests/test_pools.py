@@ -14,10 +14,10 @@ import pytest
 from botocore.stub import Stubber
 
 from disposabledisco import reconcile
-from disposabledisco.cli import main
+from disposabledisco.cli import _parked_only, main
 from disposabledisco.cluster import Cluster
 from disposabledisco.ec2 import HINTS, AwsError, Ec2Gateway, NoCapacity
-from disposabledisco.plan import CancelRequests, Launch, plan
+from disposabledisco.plan import CancelRequests, Launch, Plan, plan
 from disposabledisco.pools import Park, ParkBook, in_force
 from disposabledisco.statefiles import StateFileError
 from tests.test_plan import NOW, config, converged, node
@@ -315,3 +315,13 @@ def test_a_fleet_returns_its_full_pools_beside_the_instances_it_launched():
     with stub, pytest.raises(NoCapacity) as caught:
         gateway.launch("slave", M5, M5, 2, "spot", 0.1, "tok2", ((M5, A), (M6, B)))
     assert caught.value.pools == {(M5, A): "InsufficientInstanceCapacity"}
+
+
+@pytest.mark.parametrize(("notes", "nodes", "stops"), [
+    (("every pool parked",), [], True),
+    (("every pool parked",), [node("master", state="pending")], False),  # still awaited
+    ((), [], False),
+])
+def test_up_wait_stops_only_when_parked_pools_are_all_that_is_left(notes, nodes, stops):
+    report = reconcile.PassReport(Cluster(tuple(nodes)), Plan((), notes=notes), [])
+    assert _parked_only(report) is stops
