@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import botocore.client  # noqa: E402
 
-from disposabledisco import cli, disco_source, ssh  # noqa: E402
+from disposabledisco import cli, ssh  # noqa: E402
 from disposabledisco.disco_source import bundle_sha256  # noqa: E402
 from disposabledisco.sandbox.run import (  # noqa: E402
     Sandbox,
@@ -44,8 +44,8 @@ from disposabledisco.sandbox.run import (  # noqa: E402
     disco_client,
     word_count_script,
 )
+from tests.disco_bundle import find_bundle, run_build, write_build_script  # noqa: E402
 
-VENDOR = Path(__file__).resolve().parents[2] / "shared" / "vendor"
 CALLS: Counter = Counter()
 SESSIONS: Counter = Counter()
 
@@ -84,13 +84,10 @@ class Result:
 def build_tree(bundle: Path, workdir: Path) -> tuple[Path, float]:
     """The installed tree of `bundle`, built by the product's build step; (tarball, s)."""
     out = workdir / "out"
-    started = time.monotonic()
-    done = subprocess.run(["bash", "-s", "--", str(bundle), bundle_sha256(bundle), str(out)],
-                          input=disco_source.build_script(), capture_output=True, text=True,
-                          timeout=1800, check=False)
+    done = run_build(write_build_script(workdir), bundle, out)
     if done.returncode != 0:
         raise SystemExit(f"the build failed:\n{done.stderr[-3000:]}")
-    return out / f"disco-installed-{bundle_sha256(bundle)}.tar.gz", time.monotonic() - started
+    return out / f"disco-installed-{bundle_sha256(bundle)}.tar.gz", done.seconds
 
 
 def first_job(label: str, workdir: Path, network: str, disco: dict[str, str],
@@ -131,11 +128,12 @@ def first_job(label: str, workdir: Path, network: str, disco: dict[str, str],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", nargs="?", type=Path,
-                        default=next(iter(sorted(VENDOR.glob("disco-*-src.tar.gz"))), None))
+                        default=find_bundle())
     parser.add_argument("--network", default="127.214.0.0/22")
     args = parser.parse_args()
     if args.bundle is None or not args.bundle.is_file():
-        raise SystemExit("give a Disco source bundle (none in ../shared/vendor)")
+        raise SystemExit("give a Disco source bundle (none in a shared/vendor folder beside "
+                         "this checkout or above it, and DISCO_SOURCE unset)")
     _count_calls()
     with tempfile.TemporaryDirectory(prefix="dd-bench-disco-") as tmp:
         work = Path(tmp)

@@ -26,6 +26,7 @@ from .cluster import Cluster, Node
 from .config import Config, ConfigError, default_config, load_config, plural, schema_text
 from .ec2 import AwsError, Ec2Gateway
 from .lock import LockHeld, cluster_lock
+from .pricing import on_demand_prices
 from .reconcile import (
     EXIT_CONVERGED,
     EXIT_FAILED,
@@ -41,6 +42,7 @@ from .reconcile import (
 from .report import (
     DOWN_VERDICTS,
     access_hint,
+    billed,
     cost_json,
     dry_run_verdict,
     foreign_json,
@@ -184,7 +186,8 @@ def _args_status(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true",
                    help="also list ended requests and terminated instances (history; they "
                         "cost nothing)")
-    _json_arg(p, "every node (live and ended) with its state, address and prices")
+    _json_arg(p, "every node (live and ended) with its state, address and prices, and the "
+                 "cost against on-demand")
 
 
 def _args_down(p: argparse.ArgumentParser) -> None:
@@ -556,14 +559,16 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     cluster = observe(config, ec2)
     prices = spot_prices(ec2, cluster)
     parked = parked_pools(config)
+    on_demand = on_demand_prices(config, {n.instance_type for n in cluster.nodes if billed(n)})
     if args.json:
-        print(json.dumps({"nodes": [node_json(n, prices) for n in cluster.nodes],
+        print(json.dumps({"nodes": [node_json(n, prices, on_demand) for n in cluster.nodes],
                           "foreign": [foreign_json(f) for f in cluster.foreign],
-                          "cost": cost_json(config, cluster, prices),
+                          "cost": cost_json(config, cluster, prices, on_demand=on_demand),
                           "parked": [p.to_json() for p in parked]},
                          indent=2, sort_keys=True))
     else:
-        print(status_table(config, cluster, prices, show_all=args.all, parked=parked))
+        print(status_table(config, cluster, prices, show_all=args.all, on_demand=on_demand,
+                           parked=parked))
     live = [n for n in cluster.nodes if n.is_live]
     ready = len(live) == 1 + config.desired_slaves and all(n.state == "ready" for n in live)
     return EXIT_CONVERGED if ready else EXIT_PROGRESSING

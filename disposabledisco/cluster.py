@@ -26,6 +26,8 @@ TAG_JOINED = "disposabledisco:joined"
 TAG_HOSTS = "disposabledisco:hosts"
 TAG_FAILURES = "disposabledisco:failures"
 TAG_UNREACHABLE = "disposabledisco:unreachable-since"
+#: on the master: since when (UTC) a restart of its Disco for new settings waits for jobs
+TAG_DISCO_RESTART = "disposabledisco:disco-restart-pending-since"
 
 ROLES = ("master", "slave")
 LIVE_INSTANCE_STATES = ("pending", "running")
@@ -55,6 +57,13 @@ class Desired:
 
 def join_tag(master_id: str, suffix: str, pin: str | None) -> str:
     return f"{master_id}{suffix}#{pin or 'unpinned'}"
+
+
+def joined_master(node: Node) -> str | None:
+    """The master a slave last joined, read from its `joined` tag (see `join_tag`; an
+    instance id has no '@' or '#'), whatever the join's other inputs were."""
+    master_id = node.tags.get(TAG_JOINED, "").split("#", 1)[0].split("@", 1)[0]
+    return master_id or None
 
 
 @dataclass(frozen=True)

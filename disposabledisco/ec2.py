@@ -1,4 +1,5 @@
-"""The EC2 gateway: the only module that talks to EC2 (and the only boto3 user).
+"""The EC2 gateway: the only module that talks to EC2 (and, with pricing.py for the
+Price List API, the only boto3 user).
 
 Reads are few and cheap by construction: one paginated, tag-filtered describe for spot
 requests and one for instances per pass, plus a describe by id only for instances that

@@ -14,12 +14,14 @@ from datetime import datetime, timedelta, timezone
 
 from .cluster import (
     TAG_BOOTSTRAP,
+    TAG_DISCO_RESTART,
     TAG_FAILURES,
     TAG_HOSTS,
     TAG_JOINED,
     TAG_UNREACHABLE,
     Cluster,
     Node,
+    joined_master,
 )
 from .config import Config, GroupSpec, plural, usd
 from .disco import membership_digest
@@ -119,13 +121,21 @@ class Join(NodeAction):
 
 @dataclass(frozen=True)
 class ApplyMembership(NodeAction):
-    """Hosts files and Disco's host table on the master, for the given members."""
+    """Hosts files and Disco's host table on the master, for the given members.
+
+    With `leaving_ids` it is a drain: those slaves leave Disco's live table before their
+    instances are terminated, `member_ids` being exactly what stays in it. A drain changes
+    the table only (never Disco's settings, never a restart) and runs whatever the
+    master's bootstrap digest, since Disco keeps running with its table meanwhile.
+    """
 
     master_id: str
     member_ids: tuple[str, ...]
+    leaving_ids: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        return f"update host table on {self.master_id}: {plural(len(self.member_ids), 'host')}"
+        text = f"update host table on {self.master_id}: {plural(len(self.member_ids), 'host')}"
+        return text + (f", without {', '.join(self.leaving_ids)}" if self.leaving_ids else "")
 
 
 @dataclass(frozen=True)
@@ -207,14 +217,9 @@ def plan(config: Config, cluster: Cluster, now: datetime,
     master = cluster.master
     if master in draft.leaving:
         master = None
-    removed_ready = [n for n in draft.leaving if n.role == "slave" and n.state == "ready"]
-    table_after_removal: tuple[str, ...] = ()
-    if master and master.state == "ready" and removed_ready:
-        staying = [n for n in _ready_slaves(cluster) if n not in removed_ready]
-        table_after_removal = _ids([master, *staying])
-        actions.append(ApplyMembership(
-            "remove leaving slaves from Disco before terminating them",
-            master.instance_id, table_after_removal))
+    drain = _drain(cluster, master, draft.leaving)
+    if drain:
+        actions.append(drain)
     if draft.cancels:
         actions.append(CancelRequests("cancel before terminating or re-bidding",
                                       tuple(dict.fromkeys(draft.cancels))))
@@ -223,8 +228,8 @@ def plan(config: Config, cluster: Cluster, now: datetime,
                                  tuple(dict.fromkeys(draft.terminates))))
     actions.extend(draft.launches)
     node_work = _node_work(cluster, master, draft.leaving, multipliers(config))
-    if len(node_work) == 1 and isinstance(node_work[0], ApplyMembership) and \
-            node_work[0].member_ids == table_after_removal:
+    if drain and len(node_work) == 1 and isinstance(node_work[0], ApplyMembership) and \
+            node_work[0].member_ids == drain.member_ids:
         node_work = []  # the removal above already writes this very table
     actions.extend(node_work)
     return Plan(tuple(actions), tuple(draft.problems), tuple(draft.notes),
@@ -337,8 +342,32 @@ def _ids(nodes: list[Node]) -> tuple[str, ...]:
     return tuple(n.instance_id for n in nodes if n.instance_id)
 
 
-def _ready_slaves(cluster: Cluster) -> list[Node]:
-    return [n for n in cluster.of("slave") if n.state == "ready"]
+def _in_disco_table(node: Node, master: Node) -> bool:
+    """Whether Disco on `master` may have `node` in its live host table: a slave whose
+    instance runs and that joined this master, whatever its bootstrap digest (a changed
+    setting makes every node "running" again while Disco keeps running with its table)."""
+    return (node.role == "slave" and node.instance_state == "running"
+            and joined_master(node) == master.instance_id)
+
+
+def _drain(cluster: Cluster, master: Node | None,
+           leaving: list[Node]) -> ApplyMembership | None:
+    """The table without the leaving slaves, before they are terminated (a terminated host
+    left in Disco's table loses the tasks it runs only once Disco gives up on it).
+
+    Needed when the kept master's instance runs and has applied a table (TAG_HOSTS) that
+    may name a leaving slave; its readiness does not matter. What stays is the master and
+    every staying slave that may be in the table: a staying slave left out would lose its
+    running tasks too."""
+    if master is None or master.instance_state != "running" or TAG_HOSTS not in master.tags:
+        return None
+    drained = [n for n in leaving if _in_disco_table(n, master)]
+    if not drained:
+        return None
+    staying = [n for n in cluster.nodes if n.is_live and n not in leaving
+               and _in_disco_table(n, master)]
+    return ApplyMembership("remove leaving slaves from Disco before terminating them",
+                           master.instance_id, _ids([master, *staying]), _ids(drained))
 
 
 def _tag_untagged(cluster: Cluster, out: list[Action]) -> None:
@@ -481,4 +510,8 @@ def _node_work(cluster: Cluster, master: Node | None, leaving: list[Node],
             master.tags.get(TAG_HOSTS) != membership_digest(master, ready, group_multipliers):
         actions.append(ApplyMembership("membership changed or not applied yet",
                                        master.instance_id, _ids([master, *slaves])))
+    elif TAG_DISCO_RESTART in master.tags:
+        actions.append(ApplyMembership(
+            "Disco's settings changed while a job ran: restart it once no job is active",
+            master.instance_id, _ids([master, *slaves])))
     return actions

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 VcpuLookup = Callable[[set[str]], dict[str, int]]
 START_DEADLINE_SECONDS = 120
+#: how disco_apply.sh's lines for the pass report begin: a restart done, one deferred
+RESTARTED, RESTART_PENDING = "restarted Disco", "Disco restart pending"
+DISCO_NOTES = (RESTARTED, RESTART_PENDING)
 #: per-node limits (connect + work): a fresh instance may spend minutes in apt-get
 BOOTSTRAP_TIMEOUT_SECONDS = 1800
 NODE_STEP_TIMEOUT_SECONDS = 600
@@ -53,9 +56,11 @@ class Stamp(str):
 
 class AppliedTable(list[list[str]]):
     """The host table as applied (equal to the plain list), plus what the master reported
-    besides, e.g. that it restarted Disco because its settings changed."""
+    besides: that it restarted Disco because its settings changed, or that this restart
+    waits until Disco has no active job (`restart_pending`)."""
 
     note: str = ""
+    restart_pending: bool = False
 
 
 class Provisioner:
@@ -179,9 +184,11 @@ class Provisioner:
 
     # -- membership ------------------------------------------------------------------
 
-    def apply_membership(self, master: Node, members: list[Node]) -> Outcome[AppliedTable]:
+    def apply_membership(self, master: Node, members: list[Node],
+                         drain: bool = False) -> Outcome[AppliedTable]:
         """/etc/hosts on every member, then the master's host table file and live table.
-        One SSH session per member: the master's hosts and table share its session."""
+        One SSH session per member: the master's hosts and table share its session.
+        `drain`: the live table only (scale-down), never Disco's settings or a restart."""
         started = time.monotonic()
         everyone = _unique([master, *members])
         try:
@@ -198,9 +205,12 @@ class Provisioner:
             with self.ssh.connect(self._target(master)) as session:
                 if manage_hosts:
                     _write_hosts(session, everyone)
-                table.note = self._apply_table(session, master, table)
+                said = self._apply_table(session, master, table, drain)
         except SshError as error:
             errors.append((str(error), fault_of(error)))
+        else:
+            table.note = "; ".join(line for line in said if line.startswith(DISCO_NOTES))
+            table.restart_pending = any(line.startswith(RESTART_PENDING) for line in said)
         seconds = time.monotonic() - started
         if errors:
             return Outcome(ok=False, error="; ".join(e for e, _ in errors), seconds=seconds,
@@ -208,28 +218,27 @@ class Provisioner:
                            fault=_blame(fault for _, fault in errors))
         return Outcome(ok=True, value=table, seconds=seconds)
 
-    remove_from_table = apply_membership  # scale-down: the same, with the reduced set
-
     def host_table(self, master: Node, members: Sequence[Node]) -> list[list[str]]:
         """The desired table, with vCPUs per instance type from the `vcpus` lookup."""
         counts = self.vcpus({n.instance_type for n in members})
         return desired_table(self.config, master, members,
                              {n.instance_id: counts[n.instance_type] for n in members})
 
-    def _apply_table(self, session: Session, master: Node, table: list[list[str]]) -> str:
-        """Write and apply the table; returns the master's note (a restart), if any."""
+    def _apply_table(self, session: Session, master: Node, table: list[list[str]],
+                     drain: bool) -> list[str]:
+        """Write and apply the table; returns what disco_apply.sh said on stdout."""
         root, port, user = (self.config[k] for k in ("DISCO_ROOT", "DISCO_PORT", "DISCO_USER"))
         # DISCO_ROOT is the Disco user's: written as that user, never through its links
         session.write_file(f"{root}/disco_{port}.config", disco.host_table_json(table),
                            0o644, owner=user, as_owner=True)
         if self.config["DISCO_INSTALL"] == "none":
-            return ""
-        url = f"http://{master.private_ip}:{port}/disco/ctrl/save_config_table"
-        script = bootstrap.snippet(self.config, "disco_apply", TABLE_URL=url,
-                                   START_DEADLINE_SECONDS=START_DEADLINE_SECONDS)
-        result = session.script(script + json.dumps(table) + "\n", sudo=True)
-        return "; ".join(line for line in result.stdout.splitlines()
-                         if line.startswith("restarted Disco"))
+            return []
+        ctrl = f"http://{master.private_ip}:{port}/disco/ctrl"
+        script = bootstrap.snippet(
+            self.config, "disco_apply", TABLE_URL=f"{ctrl}/save_config_table",
+            JOBLIST_URL=f"{ctrl}/joblist", TABLE_ONLY=int(drain),
+            START_DEADLINE_SECONDS=START_DEADLINE_SECONDS)
+        return session.script(script + json.dumps(table) + "\n", sudo=True).stdout.splitlines()
 
     # -- idle ----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from . import bootstrap, idle
 from .cluster import (
     TAG_BOOTSTRAP,
+    TAG_DISCO_RESTART,
     TAG_FAILURES,
     TAG_GROUP,
     TAG_HOSTS,
@@ -73,7 +74,8 @@ class NodeWorker(Protocol):
 
     def join(self, master: Node, slaves: list[Node]) -> dict[str, NodeOutcome]: ...
 
-    def apply_membership(self, master: Node, members: list[Node]) -> NodeOutcome: ...
+    def apply_membership(self, master: Node, members: list[Node],
+                         drain: bool = False) -> NodeOutcome: ...
 
     def idle_probe(self, master: Node) -> str: ...
 
@@ -415,28 +417,51 @@ class _Applier:
         if (skip := self._no_ssh(action)) is not None:
             return skip
         master = self.by_id[action.master_id]
-        if action.master_id not in self.bootstrapped:
+        drain = bool(action.leaving_ids)
+        if drain:  # the planner named what stays in Disco's table, bootstrapped or not
+            slaves = [self.by_id[i] for i in action.member_ids if i != action.master_id]
+        elif action.master_id not in self.bootstrapped:
             return ActionResult(action, True, "master not bootstrapped yet", skipped=True)
-        slaves = [self.by_id[i] for i in action.member_ids if i != action.master_id
-                  and i in self.bootstrapped
-                  and self.joined.get(i) == self._join_tag(action.master_id, i)]
+        else:
+            slaves = [self.by_id[i] for i in action.member_ids if i != action.master_id
+                      and i in self.bootstrapped
+                      and self.joined.get(i) == self._join_tag(action.master_id, i)]
         digest = membership_digest(master, slaves, multipliers(self.config))
         # A master whose bootstrap in this pass wrote new settings (replica counts, ...)
-        # has a running Disco that has not read them: the step runs and restarts it.
-        if master.tags.get(TAG_HOSTS) == digest and \
-                action.master_id not in self.settings_changed:
+        # has a running Disco that has not read them, and one whose restart waited for a
+        # job still has to restart: the step runs (a drain never restarts anything).
+        restart_due = action.master_id in self.settings_changed or \
+            TAG_DISCO_RESTART in master.tags
+        if master.tags.get(TAG_HOSTS) == digest and (drain or not restart_due):
             return ActionResult(action, True, "host table already current", skipped=True)
-        outcome = self.nodes.apply_membership(master, [master, *slaves])
+        outcome = self.nodes.apply_membership(master, [master, *slaves], drain=drain)
         self._record_failures({action.master_id: outcome})
         if not outcome.ok:
             return self._node_result(action, {action.master_id: outcome},
                                      outcome.error or "failed")
         self.ec2.tag([action.master_id], {TAG_HOSTS: digest})
-        self.by_id[action.master_id] = _with_tag(master, TAG_HOSTS, digest)
-        # what the master said besides (provision.AppliedTable.note: a restart of Disco)
-        note = getattr(getattr(outcome, "value", None), "note", "")
+        master = self.by_id[action.master_id] = _with_tag(master, TAG_HOSTS, digest)
+        # what the master said besides (provision.AppliedTable): a restart of Disco, or
+        # one that waits for running jobs (the next pass tries again: progressing)
+        applied = getattr(outcome, "value", None)
+        if not drain:
+            self._mark_restart(master, bool(getattr(applied, "restart_pending", False)))
+        note = getattr(applied, "note", "")
         return ActionResult(action, True, plural(1 + len(slaves), "host")
                             + (f"; {note}" if note else ""))
+
+    def _mark_restart(self, master: Node, pending: bool) -> None:
+        """Tag the master while its Disco's restart waits for jobs, so the next pass
+        plans the step again; untag it once Disco restarted."""
+        marked = TAG_DISCO_RESTART in master.tags
+        if pending and not marked:
+            since = self.now.isoformat(timespec="seconds")
+            self.ec2.tag([master.instance_id], {TAG_DISCO_RESTART: since})
+            self.by_id[master.instance_id] = _with_tag(master, TAG_DISCO_RESTART, since)
+        elif marked and not pending:
+            self.ec2.untag([master.instance_id], [TAG_DISCO_RESTART])
+            self.by_id[master.instance_id] = replace(master, tags={
+                k: v for k, v in master.tags.items() if k != TAG_DISCO_RESTART})
 
 
 def forget_command(config: Config, instance_id: str) -> str:

@@ -18,6 +18,7 @@ from .config import Config, plural, usd
 from .hostkeys import HostKeyStore
 from .plan import Action
 from .pools import Park, ParkBook
+from .pricing import OnDemand
 from .reconcile import EXIT_CONVERGED, EXIT_FAILED, EXIT_PROGRESSING, PassReport
 
 FAILED = "failed: see the errors above; the rest of the pass still ran"
@@ -134,14 +135,16 @@ def foreign_warning(config: Config, cluster: Cluster) -> str | None:
             f"{config.tag_key!r} {are} not this cluster's and {are} left alone: {shown}{more}")
 
 
-def node_json(node: Node, prices: Prices | None = None) -> dict[str, Any]:
+def node_json(node: Node, prices: Prices | None = None,
+              on_demand: OnDemand | None = None) -> dict[str, Any]:
     return {
         "role": node.role, "group": node.group, "instance_id": node.instance_id,
         "request_id": node.request_id, "instance_type": node.instance_type,
         "market": node.market, "state": node.state, "reason": node.reason,
         "request_state": node.request_state, "status_code": node.status_code,
         "instance_state": node.instance_state, "bid": node.bid,
-        "spot_price_now": _price_now(node, prices or {}),
+        "spot_price_now": _price_now(node, prices or {}) if node.market == "spot" else None,
+        "on_demand_price": on_demand.prices.get(node.instance_type) if on_demand else None,
         "billed": billed(node),
         "private_ip": node.private_ip, "public_ip": node.public_ip,
         "ready": node.state == "ready",
@@ -159,9 +162,13 @@ def billed(node: Node) -> bool:
     return node.instance_state in ("pending", "running", "stopping")
 
 
-def _price_now(node: Node, prices: Prices) -> float | None:
-    if not billed(node) or node.market != "spot":
+def _price_now(node: Node, prices: Prices, on_demand: OnDemand | None = None) -> float | None:
+    """What a billed node costs per hour now: the spot price, or for an on-demand node
+    its on-demand price (when the Price List API said)."""
+    if not billed(node):
         return None
+    if node.market != "spot":
+        return on_demand.prices.get(node.instance_type) if on_demand else None
     return prices.get(node.instance_type)
 
 
@@ -170,12 +177,13 @@ def _hours(node: Node, now: datetime) -> float:
 
 
 def cost_json(config: Config, cluster: Cluster, prices: Prices,
-              now: datetime | None = None) -> dict[str, Any]:
+              now: datetime | None = None, on_demand: OnDemand | None = None) -> dict[str, Any]:
     """What the cluster costs: per hour now at current spot prices (when EC2 said), at
-    most per hour (the bids), node-hours so far and about how much that came to."""
+    most per hour (the bids), node-hours so far and about how much that came to; with
+    ``on_demand``, what the same nodes would cost on demand and the saving."""
     moment = now or datetime.now(timezone.utc)
     paying = [n for n in cluster.nodes if billed(n)]
-    known = [(n, _price_now(n, prices)) for n in paying]
+    known = [(n, _price_now(n, prices, on_demand)) for n in paying]
     unknown = [n for n, p in known if p is None]
     hours = sum(_hours(n, moment) for n in paying)
     return {
@@ -186,11 +194,32 @@ def cost_json(config: Config, cluster: Cluster, prices: Prices,
                                           if n.market == "spot"), 6),
         "node_hours": round(hours, 3),
         "usd_so_far_about": round(sum((p or 0.0) * _hours(n, moment) for n, p in known), 4),
+        "on_demand": on_demand_json(known, on_demand) if on_demand and paying else None,
     }
 
 
-def _cost_lines(config: Config, cluster: Cluster, prices: Prices) -> list[str]:
-    cost = cost_json(config, cluster, prices)
+def on_demand_json(known: list[tuple[Node, float | None]],
+                   on_demand: OnDemand) -> dict[str, Any]:
+    """The billed nodes at on-demand prices against what they cost now: the saving, or
+    why it is unknown (a price the Price List API or EC2 did not give)."""
+    types = {n.instance_type for n, _ in known}
+    reason = on_demand.reason(types)
+    if reason is None and any(p is None for _, p in known):
+        reason = "no current spot price for every node"
+    total = now = saving = percent = None
+    if reason is None:
+        total = round(sum(on_demand.prices[n.instance_type] for n, _ in known), 6)
+        now = sum(p or 0.0 for _, p in known)
+        saving = round(total - now, 6)
+        percent = round(100 * saving / total, 1) if total else None
+    return {"usd_per_hour": total, "saving_usd_per_hour": saving, "saving_percent": percent,
+            "unknown": reason, "prices": {t: on_demand.prices[t] for t in sorted(types)
+                                          if t in on_demand.prices}}
+
+
+def _cost_lines(config: Config, cluster: Cluster, prices: Prices,
+                on_demand: OnDemand | None = None) -> list[str]:
+    cost = cost_json(config, cluster, prices, on_demand=on_demand)
     if not cost["billed_nodes"]:
         return ["cost: nothing is billed now (no instance is running)"]
     line = (f"cost: {plural(cost['billed_nodes'], 'billed node')}, "
@@ -201,7 +230,20 @@ def _cost_lines(config: Config, cluster: Cluster, prices: Prices) -> list[str]:
     return [line,
             f"      at most {usd(cost['usd_per_hour_at_most'])} USD/hour for the spot nodes "
             f"(your bids); {cost['node_hours']:.1f} node-hours so far, about "
-            f"{usd(round(cost['usd_so_far_about'], 2))} USD at today's prices"]
+            f"{usd(round(cost['usd_so_far_about'], 2))} USD at today's prices",
+            *_on_demand_lines(cost["on_demand"])]
+
+
+def _on_demand_lines(against: Mapping[str, Any] | None) -> list[str]:
+    if against is None:
+        return []
+    if against["unknown"]:
+        return [f"      on-demand: unknown ({against['unknown']})"]
+    each = ", ".join(f"{t} {usd(p)}/h" for t, p in against["prices"].items())
+    percent = against["saving_percent"]
+    return [f"      on-demand: {usd(against['usd_per_hour'])} USD/hour for the same nodes "
+            f"({each}); saving {usd(against['saving_usd_per_hour'])} USD/hour"
+            + (f" ({percent:.0f}%)" if percent is not None else "")]
 
 
 def _state_text(node: Node) -> str:
@@ -223,7 +265,8 @@ def parked_pools(config: Config, now: datetime | None = None) -> list[Park]:
 
 
 def status_table(config: Config, cluster: Cluster, prices: Prices | None = None,
-                 show_all: bool = False, parked: list[Park] | None = None) -> str:
+                 show_all: bool = False, on_demand: OnDemand | None = None,
+                 parked: list[Park] | None = None) -> str:
     """One row per live (or still billed) node: role, instance, type, state/reason,
     address, price, ready; with ``show_all`` also the ended ones (history).
 
@@ -240,7 +283,7 @@ def status_table(config: Config, cluster: Cluster, prices: Prices | None = None,
         rows.append((node.role, node.instance_id or node.request_id or "-",
                      node.instance_type, _state_text(node),
                      ssh_address(node, config["SSH_ADDRESS"]) or "-",
-                     _price_text(node, prices),
+                     _price_text(node, prices, on_demand),
                      "yes" if node.state == "ready" else "no"))
     for item in sorted(cluster.foreign, key=lambda f: (f.kind, f.resource_id)):
         rows.append(("not ours", item.resource_id, item.kind, item.reason, "-", "-", "-"))
@@ -255,15 +298,17 @@ def status_table(config: Config, cluster: Cluster, prices: Prices | None = None,
         what = "ended request or instance" if hidden == 1 else "ended requests or instances"
         lines.append(f"{hidden} {what} not shown (not billed): --all lists them")
     lines += [f"parked: {p.text()}: launches avoid it" for p in parked or ()]
-    return "\n".join(lines + _cost_lines(config, cluster, prices))
+    return "\n".join(lines + _cost_lines(config, cluster, prices, on_demand))
 
 
-def _price_text(node: Node, prices: Prices) -> str:
+def _price_text(node: Node, prices: Prices, on_demand: OnDemand | None = None) -> str:
+    listed = on_demand.prices.get(node.instance_type) if on_demand and billed(node) else None
     if node.market != "spot":
-        return node.market
+        return f"{usd(listed)}/h ({node.market})" if listed is not None else node.market
     bid = f"bid {usd(node.bid)}" if node.bid else "bid ?"
     now = _price_now(node, prices)
-    return f"{usd(now)}/h ({bid})" if now is not None else bid
+    text = f"{usd(now)}/h ({bid})" if now is not None else bid
+    return f"{text} on-demand {usd(listed)}/h" if listed is not None else text
 
 
 def access_hint(config: Config, cluster: Cluster, disco: bool = True) -> str | None:

@@ -8,8 +8,8 @@ not slow"`; README's test command runs every tier.
 
 import pytest
 
-pytest_plugins = ["tests.ec2_fixtures", "tests.node_fixtures", "tests.e2e_fixtures",
-                  "tests.fault_fixtures"]
+pytest_plugins = ["tests.ec2_fixtures", "tests.offline_aws", "tests.node_fixtures",
+                  "tests.e2e_fixtures", "tests.fault_fixtures"]
 
 #: fixtures that start the local EC2 endpoint (a moto server) or a whole fault lab
 _ENDPOINT_FIXTURES = {"local_ec2", "ec2_env", "spot_market", "fault_lab", "e2e"}

@@ -60,7 +60,8 @@ def write(tmp_path, values) -> str:
 @pytest.mark.parametrize(("change", "words"), BAD_CONFIGS,
                          ids=[next(iter(c)) for c, _ in BAD_CONFIGS])
 @pytest.mark.parametrize("command", ["up", "down", "status"])
-def test_bad_config_exits_2_naming_the_field_with_no_ec2_call(tmp_path, capsys, calls, change,
+def test_bad_config_exits_2_naming_the_field_with_no_ec2_call(tmp_path, capsys, no_ec2_calls,
+                                                              change,
                                                               words, command):
     path = write(tmp_path, {**GOOD, **change})
     extra = ["--yes"] if command == "down" else []
@@ -69,7 +70,7 @@ def test_bad_config_exits_2_naming_the_field_with_no_ec2_call(tmp_path, capsys, 
     assert captured.out == ""
     for word in words:
         assert word in captured.err, captured.err
-    assert calls == []
+    assert no_ec2_calls == []
 
 
 @pytest.mark.parametrize(("content", "words"), [
@@ -77,14 +78,14 @@ def test_bad_config_exits_2_naming_the_field_with_no_ec2_call(tmp_path, capsys, 
     ('["AMI", "KEY_NAME"]', ["object"]),
     (None, ["does not exist", "init"]),
 ])
-def test_unreadable_config_files(tmp_path, capsys, calls, content, words):
+def test_unreadable_config_files(tmp_path, capsys, no_ec2_calls, content, words):
     path = tmp_path / "config.json"
     if content is not None:
         path.write_text(content)
     assert main(["up", str(path)]) == 2
     err = capsys.readouterr().err
     assert all(w.lower() in err.lower() for w in words), err
-    assert calls == []
+    assert no_ec2_calls == []
 
 
 def test_secret_values_never_appear_in_errors(tmp_path, capsys):
@@ -100,11 +101,11 @@ def test_secret_values_never_appear_in_errors(tmp_path, capsys):
     ["up"],
     ["up", "CONFIG", "--wait", "--timeout", "soon"],
 ])
-def test_usage_errors_exit_2(tmp_path, capsys, calls, argv):
+def test_usage_errors_exit_2(tmp_path, capsys, no_ec2_calls, argv):
     path = write(tmp_path, GOOD)
     assert main([path if a == "CONFIG" else a for a in argv]) == 2
     assert capsys.readouterr().err.strip()
-    assert calls == []
+    assert no_ec2_calls == []
 
 
 @pytest.fixture
@@ -131,13 +132,14 @@ def test_ec2_refusal_is_one_clear_line_exit_1(ec2_env, ec2_validates, tmp_path, 
     assert "Traceback" not in out
 
 
-def test_missing_local_tarball_is_a_config_error_before_any_ec2_call(tmp_path, capsys, calls):
+def test_missing_local_tarball_is_a_config_error_before_any_ec2_call(tmp_path, capsys,
+                                                                     no_ec2_calls):
     path = write(tmp_path, {**GOOD, "DISCO_INSTALL": "tarball",
                             "DISCO_TARBALL": str(tmp_path / "disco.tar.gz")})
     assert main(["up", path]) == 2
     err = capsys.readouterr().err
     assert "DISCO_TARBALL" in err and "disco.tar.gz" in err
-    assert calls == []
+    assert no_ec2_calls == []
 
 
 def _fifo(path):
@@ -165,8 +167,8 @@ HOSTILE_FILES = [
 @pytest.mark.parametrize(("make", "words"), [c[1:] for c in HOSTILE_FILES],
                          ids=[c[0] for c in HOSTILE_FILES])
 @pytest.mark.parametrize("command", [["validate"], ["up"], ["up", "--dry-run"]])
-def test_hostile_config_files_exit_2_in_one_line_with_no_ec2_call(tmp_path, capsys, calls, make,
-                                                                  words, command):
+def test_hostile_config_files_exit_2_in_one_line_with_no_ec2_call(tmp_path, capsys, no_ec2_calls,
+                                                                  make, words, command):
     path = tmp_path / "config.json"
     make(path)
     assert main([command[0], str(path), *command[1:]]) == 2
@@ -174,7 +176,7 @@ def test_hostile_config_files_exit_2_in_one_line_with_no_ec2_call(tmp_path, caps
     assert captured.out == ""
     (line,) = captured.err.splitlines()
     assert all(w in line for w in words), line
-    assert calls == []
+    assert no_ec2_calls == []
 
 
 @pytest.mark.parametrize("target", ["fifo", "/dev/zero"])
@@ -238,7 +240,8 @@ LOCAL_PATHS = [
 @pytest.mark.parametrize(("key", "make", "words"), [c[1:] for c in LOCAL_PATHS],
                          ids=[c[0] for c in LOCAL_PATHS])
 @pytest.mark.parametrize("command", [["validate"], ["up"], ["up", "--ec2-only"]])
-def test_local_paths_exit_2_in_one_line_naming_the_key(tmp_path, capsys, calls, key, make, words,
+def test_local_paths_exit_2_in_one_line_naming_the_key(tmp_path, capsys, no_ec2_calls, key, make,
+                                                       words,
                                                        command, monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
@@ -250,18 +253,18 @@ def test_local_paths_exit_2_in_one_line_naming_the_key(tmp_path, capsys, calls, 
     captured = capsys.readouterr()
     (line,) = [x for x in captured.err.splitlines() if not x.startswith("warning: ")]
     assert f": {key}" in line and all(w in line for w in words), line
-    assert captured.out == "" and calls == []
+    assert captured.out == "" and no_ec2_calls == []
     assert not Path("/proc/disposabledisco-state").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_an_unreadable_local_tarball_exits_2(tmp_path, capsys, calls):
+def test_an_unreadable_local_tarball_exits_2(tmp_path, capsys, no_ec2_calls):
     tarball = tmp_path / "disco.tar.gz"
     tarball.write_bytes(b"x")
     tarball.chmod(0)
     path = write(tmp_path, {**GOOD, "DISCO_INSTALL": "tarball", "DISCO_TARBALL": str(tarball)})
     assert main(["validate", path]) == 2
-    assert "DISCO_TARBALL" in capsys.readouterr().err and calls == []
+    assert "DISCO_TARBALL" in capsys.readouterr().err and no_ec2_calls == []
 
 
 def test_validate_leaves_no_trace_of_a_state_dir_it_checked(tmp_path, capsys):
@@ -275,3 +278,11 @@ def test_an_existing_profile_is_accepted(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
     (tmp_path / "aws-config").write_text("[profile lab]\nregion = eu-west-1\n")
     assert main(["validate", write(tmp_path, {**GOOD, "AWS_PROFILE": "lab"})]) == 0
+
+
+def test_the_no_call_check_sees_a_call(tmp_path, capsys, no_ec2_calls):
+    """The refusals above prove no call only if a call would show: a valid config does call,
+    and the call fails the test even where the CLI would catch an AWS error."""
+    with pytest.raises(AssertionError, match="EC2 call Describe"):
+        main(["status", write(tmp_path, {**GOOD, "STATE_DIR": str(tmp_path / "state")})])
+    assert no_ec2_calls and no_ec2_calls[0].startswith("Describe"), no_ec2_calls

@@ -1,13 +1,29 @@
 """A pass and Disco's settings: a master whose bootstrap wrote new settings gets the
 membership step (which restarts its Disco) even when the host table is unchanged, and the
-restart is said in the pass's report. In-process doubles from test_reconcile_unit.
+restart is said in the pass's report; a restart that waits for a running job keeps the
+cluster progressing until a later pass restarted Disco; a scale-down that changes the
+settings drains the leaving slave first. In-process doubles from test_reconcile_unit.
 """
 
 from __future__ import annotations
 
+from disposabledisco import reconcile
+from disposabledisco.cluster import TAG_DISCO_RESTART
 from disposabledisco.plan import ApplyMembership, Bootstrap
 from disposabledisco.provision import AppliedTable, Stamp
-from tests.test_reconcile_unit import FakeEc2, FakeWorker, config, result_of, run
+from tests.test_reconcile_unit import (
+    TAG,
+    FakeEc2,
+    FakeWorker,
+    config,
+    failure_tags,
+    result_of,
+    run,
+)
+
+RESTARTED = "restarted Disco on ip-10-0-0-1: its settings changed"
+PENDING = ("Disco restart pending on ip-10-0-0-1: its settings changed; waiting for job(s) "
+           "long@5a1 to end")
 
 
 class SettingsWorker(FakeWorker):
@@ -17,6 +33,7 @@ class SettingsWorker(FakeWorker):
     def __init__(self) -> None:
         super().__init__()
         self.settings_changed = False
+        self.job_running = False  # what Disco's job list says on the master
 
     def bootstrap(self, nodes):
         outcomes = super().bootstrap(nodes)
@@ -26,10 +43,12 @@ class SettingsWorker(FakeWorker):
             outcome.value = stamp
         return outcomes
 
-    def apply_membership(self, master, members):
-        outcome = super().apply_membership(master, members)
+    def apply_membership(self, master, members, drain=False):
+        outcome = super().apply_membership(master, members, drain)
         table = AppliedTable([["ip-10-0-0-1", "2"]])
-        table.note = "restarted Disco on ip-10-0-0-1: its settings changed"
+        if not drain:
+            table.restart_pending = self.job_running
+            table.note = PENDING if self.job_running else RESTARTED
         outcome.value = table
         return outcome
 
@@ -70,3 +89,51 @@ def test_a_plain_outcome_without_a_stamp_counts_as_unchanged(tmp_path):
     plain = FakeWorker()
     report = run(config(tmp_path, POST_INIT="true"), ec2, plain)
     assert result_of(report, ApplyMembership).skipped
+
+
+def test_a_restart_that_waits_for_a_job_keeps_the_cluster_progressing_until_done(tmp_path):
+    """The master says the restart waits for a job: the step is ok (not failed, nothing
+    counted against the master), the pass is progressing, and each later pass runs the
+    step again until Disco restarted; then the cluster is converged."""
+    ec2, worker = converged(tmp_path)
+    master = next(i for i in ec2.instances if ec2.tags_of(i)[TAG] == "master")
+    worker.settings_changed = worker.job_running = True
+    cfg = config(tmp_path, DISCO_SETTINGS={"DISCO_WORKER_MAX_MEM": "50%"})
+    waiting = run(cfg, ec2, worker)
+    step = result_of(waiting, ApplyMembership)
+    assert (step.ok, step.skipped, step.detail) == (True, False, f"2 hosts; {PENDING}")
+    assert waiting.exit_code == reconcile.EXIT_PROGRESSING
+    assert TAG_DISCO_RESTART in ec2.tags_of(master) and failure_tags(ec2) == []
+
+    worker.settings_changed = False  # nothing new to write: only the restart is due
+    still = run(cfg, ec2, worker)
+    assert result_of(still, ApplyMembership).detail == f"2 hosts; {PENDING}"
+    assert still.exit_code == reconcile.EXIT_PROGRESSING
+
+    worker.job_running = False
+    done = run(cfg, ec2, worker)
+    assert result_of(done, ApplyMembership).detail == f"2 hosts; {RESTARTED}"
+    assert TAG_DISCO_RESTART not in ec2.tags_of(master)
+    worker.calls.clear()
+    assert run(cfg, ec2, worker).exit_code == reconcile.EXIT_CONVERGED
+    assert worker.calls == []
+
+
+def test_a_scale_down_that_changes_the_settings_drains_before_it_terminates(tmp_path):
+    """2 -> 1 slave lowers DDFS replicas: every bootstrap digest changes, so no node is
+    ready this pass. The leaving slave still leaves Disco's table (a table-only step
+    with the master and the kept slave) before its instance is terminated; the full
+    membership step, with the settings, follows the bootstrap."""
+    ec2, worker = converged(tmp_path, NUM_SLAVES=2)
+    worker.settings_changed = True  # the replica counts
+    report = run(config(tmp_path, NUM_SLAVES=1), ec2, worker)
+    kinds = [type(r.action).__name__ for r in report.results]
+    assert kinds[:3] == ["ApplyMembership", "CancelRequests", "Terminate"]
+    drain, terminate = report.results[0], report.results[2]
+    assert (drain.ok, drain.skipped) == (True, False) and drain.action.leaving_ids
+    (leaving,) = terminate.action.instance_ids
+    assert drain.action.leaving_ids == (leaving,)
+    (table,) = worker.drains
+    assert leaving not in table and len(table) == 2  # the master and the kept slave
+    assert worker.calls[0] == ("membership", table)
+    assert worker.kinds()[1:] == ["bootstrap", "membership"]

@@ -9,6 +9,7 @@ with the reason when it or a build tool is missing.
 from __future__ import annotations
 
 import atexit
+import json
 import shutil
 import subprocess
 import tempfile
@@ -165,6 +166,18 @@ def test_master_builds_once_and_the_slave_gets_the_tree_with_our_settings(
     stamp = changed.bootstrap([master])[master.instance_id]
     assert stamp.ok and stamp.value.settings_changed, (stamp.error, stamp.log_tail[-20:])
     assert "Disco already built" in node_log(prov, master)
+    # a drain (scale-down) changes Disco's live table only: no restart, whatever changed
+    started = sh(node_farm, master, f"cat {STAGED}/disco-started-settings.sha256")
+    drained = changed.apply_membership(master, [master], drain=True)
+    assert drained.ok, (drained.error, drained.log_tail[-20:])
+    assert (drained.value.note, drained.value.restart_pending) == ("", False)
+    assert sh(node_farm, master, f"cat {STAGED}/disco-started-settings.sha256") == started
+    table_url = (f"http://{master.private_ip}:{changed.config['DISCO_PORT']}"
+                 "/disco/ctrl/load_config_table")
+    live_table = sh(node_farm, master, "python3 -c 'import sys, urllib.request; print("
+                                       f"urllib.request.urlopen(sys.argv[1]).read().decode())' "
+                                       f"{table_url}")
+    assert json.loads(live_table) == drained.value
     applied = changed.apply_membership(master, nodes)
     assert applied.ok, (applied.error, applied.log_tail[-20:])
     hostname = sh(node_farm, master, "hostname -s").strip()

@@ -13,12 +13,10 @@ import functools
 import io
 import json
 import os
-import socket
 import string
 from collections.abc import Iterator
 from pathlib import Path
 
-import botocore.client
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
@@ -26,6 +24,7 @@ from hypothesis import strategies as st
 from disposabledisco import cli
 from disposabledisco.config import load_config, load_schema
 from disposabledisco.reconcile import desired_state
+from tests.offline_aws import offline_aws
 
 VALID = {
     "AMI": "ami-0abcdef1234567890", "KEY_NAME": "fuzz", "TAG_KEY": "disco-fuzz",
@@ -40,44 +39,18 @@ DEEP = "@@DEEP@@"  # stands for nesting written out in the file's text
 EC2_CALLS: list[str] = []
 
 
-def _silent_listener() -> socket.socket:
-    """A loopback port that accepts connections and never answers: the CLI's check for a
-    stopped sandbox passes, and any call that got past the counting hook would hang."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    return listener
-
-
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory) -> Iterator[Path]:
     """A private HOME, no AWS files, EC2 at a silent port and every API call counted."""
     home = tmp_path_factory.mktemp("fuzz-home")
     patch = pytest.MonkeyPatch()
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL"):
-        patch.delenv(name, raising=False)
-    patch.setenv("HOME", str(home))
-    patch.setenv("AWS_CONFIG_FILE", str(home / "no-aws-config"))
-    patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "no-aws-credentials"))
-    patch.setenv("AWS_ACCESS_KEY_ID", "fuzz")
-    patch.setenv("AWS_SECRET_ACCESS_KEY", "fuzz")
-    patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    listener = _silent_listener()
-    patch.setenv("AWS_ENDPOINT_URL_EC2", f"http://127.0.0.1:{listener.getsockname()[1]}")
-
-    def counted(self, operation, params):  # noqa: ARG001
-        EC2_CALLS.append(operation)
-        raise AssertionError(f"EC2 call {operation} during a fuzz case")
-
-    patch.setattr(botocore.client.BaseClient, "_make_api_call", counted)
     # The same parser for every case: building argparse's tree is most of a case's time.
     patch.setattr(cli, "build_parser", functools.lru_cache(maxsize=1)(cli.build_parser))
     try:
-        yield home
+        with offline_aws(patch, home, EC2_CALLS):
+            yield home
     finally:
         patch.undo()
-        listener.close()
 
 
 def run(argv: list[str]) -> tuple[int, str, str]:

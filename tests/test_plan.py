@@ -13,6 +13,7 @@ import pytest
 
 from disposabledisco.cluster import (
     TAG_BOOTSTRAP,
+    TAG_DISCO_RESTART,
     TAG_FAILURES,
     TAG_GROUP,
     TAG_HOSTS,
@@ -22,6 +23,7 @@ from disposabledisco.cluster import (
     Desired,
     Node,
     join_tag,
+    joined_master,
 )
 from disposabledisco.config import parse_config
 from disposabledisco.disco import membership_digest
@@ -515,6 +517,81 @@ def test_a_failed_request_blocks_even_without_the_bad_parameters_code():
     assert launches(p) == [] and len(p.problems) == 1
 
 
+# -- leaving slaves out of Disco's table first, whatever the nodes' readiness ----------------
+
+def changed_settings(nodes: tuple[Node, ...]) -> Cluster:
+    """The cluster model after a change of every bootstrap digest (e.g. NUM_SLAVES 2 -> 1
+    lowers DDFS replicas): no node is ready, and Disco runs on with its table."""
+    return Cluster(tuple(replace(n, state="running", reason="waiting for bootstrap")
+                         for n in nodes))
+
+
+def test_a_scale_down_that_changes_the_settings_drains_the_leaving_slave_first():
+    cfg = config(NUM_SLAVES=1)
+    kept, newest = node(minutes_old=90), node(minutes_old=10)
+    cluster = changed_settings(converged(config(NUM_SLAVES=2), [kept, newest]).nodes)
+    master = cluster.master
+    p = plan(cfg, cluster, NOW)
+    assert kinds(p) == ["ApplyMembership", "CancelRequests", "Terminate", "Bootstrap",
+                        "ApplyMembership"]
+    drain = p.actions[0]
+    assert drain.reason == "remove leaving slaves from Disco before terminating them"
+    assert (drain.leaving_ids, only(p, Terminate).instance_ids) == ((newest.instance_id,),) * 2
+    # the staying slave is not ready either, but it is in Disco's table: it stays there
+    assert drain.member_ids == (master.instance_id, kept.instance_id)
+    assert p.actions[-1].leaving_ids == ()  # the full step, after the bootstrap
+
+
+def test_the_drain_keeps_a_staying_slave_that_is_in_the_table_but_not_ready():
+    """A ready slave replaced for failing while the other must re-join (a new tarball):
+    that one is still in Disco's table with running tasks, so the drain keeps it."""
+    cfg = config(NUM_SLAVES=2)
+    staying, failing = node(), node()
+    cluster = converged(cfg, [staying, failing])
+    nodes = tuple(replace(n, state="running", reason="waiting to join the master")
+                  if n.instance_id == staying.instance_id else
+                  replace(n, tags={**n.tags, TAG_FAILURES: "3"})
+                  if n.instance_id == failing.instance_id else n for n in cluster.nodes)
+    drain = plan(cfg, Cluster(nodes), NOW).actions[0]
+    assert drain.member_ids == (cluster.master.instance_id, staying.instance_id)
+    assert drain.leaving_ids == (failing.instance_id,)
+
+
+def drains(the_plan) -> list[ApplyMembership]:
+    return [a for a in the_plan.actions if isinstance(a, ApplyMembership) and a.leaving_ids]
+
+
+def test_no_drain_where_disco_has_no_table_with_the_leaving_slave():
+    cfg = config(NUM_SLAVES=0)
+    cluster = converged(cfg, [node()])
+    master, slave = cluster.nodes
+    untabled = replace(master, tags={k: v for k, v in master.tags.items() if k != TAG_HOSTS})
+    for nodes in [(untabled, slave),  # the master never applied a table
+                  (master, replace(slave, tags={**slave.tags, TAG_JOINED: "i-oldmaster"})),
+                  (replace(master, state="pending", instance_state="pending"), slave)]:
+        assert drains(plan(cfg, Cluster(nodes), NOW)) == [], nodes
+
+
+def test_a_master_whose_disco_restart_waits_for_a_job_gets_the_step_again():
+    """Converged but tagged as waiting to restart Disco: every pass tries again (the
+    node script restarts once no job is active); untagged it is converged again."""
+    cfg = config(NUM_SLAVES=1)
+    cluster = converged(cfg, [node()])
+    master, slave = cluster.nodes
+    waiting = replace(master, tags={**master.tags, TAG_DISCO_RESTART: NOW.isoformat()})
+    step = only(plan(cfg, Cluster((waiting, slave)), NOW), ApplyMembership)
+    assert step.member_ids == (master.instance_id, slave.instance_id)
+    assert step.reason.startswith("Disco's settings changed while a job ran")
+    assert plan(cfg, cluster, NOW).actions == ()
+
+
+def test_joined_master_reads_the_master_from_any_join_tag():
+    assert joined_master(node(tags={TAG_JOINED: join_tag("i-0abc", "@0123", "f00d")})) == \
+        "i-0abc"
+    assert joined_master(node(tags={TAG_JOINED: join_tag("i-0abc", "", None)})) == "i-0abc"
+    assert joined_master(node(tags={})) is None
+
+
 # -- what the report says: reasons and descriptions ---------------------------------------
 
 def test_each_action_says_why_in_the_report():
@@ -570,6 +647,8 @@ def test_action_descriptions():
     assert ApplyMembership("", "i-m", ("i-m", "i-1")).describe() == \
         "update host table on i-m: 2 hosts"
     assert ApplyMembership("", "i-m", ("i-m",)).describe() == "update host table on i-m: 1 host"
+    assert ApplyMembership("", "i-m", ("i-m",), ("i-1", "i-2")).describe() == \
+        "update host table on i-m: 1 host, without i-1, i-2"
 
 
 # -- rules the tables above leave open ------------------------------------------------------
@@ -622,9 +701,10 @@ def test_a_ready_node_failing_three_times_is_replaced_too():
 
 
 def test_a_slave_that_never_became_ready_leaves_without_a_table_update():
+    """Never bootstrapped, so never joined: it is in no Disco table to drain."""
     cfg = config(NUM_SLAVES=1)
     stuck = node(state="running", tags={"dd": "slave", TAG_GROUP: "m5.large", TAG_FAILURES: "3"})
-    p = plan(cfg, converged(cfg, [stuck]), NOW)
+    p = plan(cfg, Cluster((*converged(cfg, []).nodes, stuck)), NOW)
     assert kinds(p) == ["CancelRequests", "Terminate", "Launch"]
 
 

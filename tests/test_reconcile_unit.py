@@ -151,6 +151,7 @@ class FakeWorker:
         self.master_fault = "node"
         self.error: str | None = "connection refused"
         self.calls: list[tuple[str, tuple[str, ...]]] = []
+        self.drains: list[tuple[str, ...]] = []  # the members of each table-only drain
 
     def _outcome(self, iid: str) -> Outcome:
         if iid in self.failing:
@@ -169,8 +170,10 @@ class FakeWorker:
             raise error
         return {s.instance_id: self._outcome(s.instance_id) for s in slaves}
 
-    def apply_membership(self, master, members):
+    def apply_membership(self, master, members, drain=False):
         self.calls.append(("membership", tuple(n.instance_id for n in members)))
+        if drain:
+            self.drains.append(tuple(n.instance_id for n in members))
         return self._outcome(master.instance_id)
 
     def kinds(self) -> list[str]:

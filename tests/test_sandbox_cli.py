@@ -77,6 +77,17 @@ def test_sockets_in_use_reads_ipv4_v4_mapped_and_wildcard_ends(tmp_path: Path):
     assert (IP("0.0.0.0"), 0) in ends  # remote end of a listener
 
 
+def test_an_ended_connection_in_time_wait_uses_no_address(tmp_path: Path):
+    """An ssh to a node of a stopped sandbox leaves TIME_WAIT sockets for a minute: the
+    restarted sandbox must still get its /24 (and its nodes their old addresses)."""
+    header = "  sl  local_address rem_address   st\n"
+    client, node = (int.from_bytes(bytes(a), sys.byteorder)
+                    for a in ([127, 0, 0, 1], [127, 44, 0, 4]))
+    (tmp_path / "tcp").write_text(header + f"   0: {client:08X}:D431 {node:08X}:0016 06\n"
+                                  f"   1: {client:08X}:D432 {node:08X}:0016 01\n")
+    assert sockets_in_use(tmp_path) == [(IP("127.0.0.1"), 0xD432), (IP("127.44.0.4"), 22)]
+
+
 def test_this_machines_real_listener_is_seen():
     network = unused_network()
     address = str(NET(network)[9])
@@ -181,10 +192,10 @@ needs_nodes = pytest.mark.skipif(not NodeFarm.available()[0],
 class Running:
     """`disposabledisco sandbox` in the background; its banner is read up to the config."""
 
-    def __init__(self, directory: Path, network: str) -> None:
+    def __init__(self, directory: Path, network: str, *options: str) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "disposabledisco", "sandbox", "--dir", str(directory),
-             "--network", network, "--slaves", "1"],
+             "--network", network, "--slaves", "1", *options],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.banner: list[str] = []
         deadline = time.monotonic() + 60

@@ -21,7 +21,7 @@ from disposabledisco.hostkeys import (
     HostKeyVerifier,
     parse_console_output,
 )
-from disposabledisco.sandbox.nodes import NodeFarm, generate_ed25519_key, port_open
+from disposabledisco.sandbox.nodes import NodeFarm, generate_ed25519_key
 from disposabledisco.ssh import (
     AuthenticationFailed,
     CommandFailed,
@@ -35,7 +35,7 @@ from disposabledisco.ssh import (
     Unreachable,
     fault_of,
 )
-from tests.node_fixtures import candidate_addresses, next_instance_id
+from tests.node_fixtures import free_addresses, next_instance_id
 
 PACKAGE = Path(__file__).resolve().parent.parent / "disposabledisco"
 
@@ -49,10 +49,11 @@ def target(node) -> Target:  # noqa: ANN001 - a sandbox Node
 
 
 def free_address(subnet: str = "127.10.7") -> str:
-    for address in candidate_addresses(subnet):
-        if not port_open(address):
-            return address
-    raise RuntimeError("no free address")
+    """An address of `subnet` that no node of any farm here has and nothing listens on."""
+    addresses = free_addresses(1, subnet)
+    if not addresses:
+        raise RuntimeError(f"no free address left in {subnet}.0/24")
+    return addresses[0]
 
 
 def console_text(*, fingerprints: list[str] = (), keys: list[str] = ()) -> str:  # type: ignore[assignment]

@@ -20,6 +20,8 @@ from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_ba
 from moto.server import ThreadedMotoServer
 from werkzeug.serving import WSGIRequestHandler, make_server
 
+from .pricelist import PRICING_TARGET, pricing_reply
+
 if TYPE_CHECKING:
     from .market import SpotMarket
 
@@ -28,7 +30,8 @@ HttpHook = Callable[[str | None], HttpReply | None]
 
 DUMMY_KEY_ID = "testing"
 DUMMY_SECRET = "testing"
-_STATUS_TEXT = {503: "Service Unavailable", 500: "Internal Server Error", 400: "Bad Request"}
+_STATUS_TEXT = {200: "OK", 503: "Service Unavailable", 500: "Internal Server Error",
+                400: "Bad Request"}
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -42,7 +45,9 @@ class _Gate:
     """WSGI middleware that shows each request's EC2 Action to the installed hooks.
 
     Every hook sees every call; the first one to return a reply answers instead of moto
-    (throttling). The body is buffered so moto can still read it.
+    (throttling). The body is buffered so moto can still read it. Price List calls
+    (X-Amz-Target ``AWSPriceListService.*``, action ``GetProducts``) are answered here from
+    the installed market's on-demand prices (:mod:`.pricelist`).
     """
 
     def __init__(self, app: Any) -> None:
@@ -50,17 +55,17 @@ class _Gate:
         self.hooks: dict[str, HttpHook] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        pricing = target.startswith(PRICING_TARGET)
         hooks = list(self.hooks.values())
         if hooks:
-            action = self._action(environ)
+            action = target.removeprefix(PRICING_TARGET) if pricing else self._action(environ)
             replies = [hook(action) for hook in hooks]
             reply = next((r for r in replies if r is not None), None)
             if reply is not None:
-                status, headers, body = reply
-                text = _STATUS_TEXT.get(status, "Error")
-                start_response(f"{status} {text}",
-                               [*headers, ("Content-Length", str(len(body)))])
-                return [body]
+                return _reply(start_response, reply)
+        if pricing:  # moto has no Price List API: answered here
+            return _reply(start_response, pricing_reply(target, _body(environ)))
         return self.app(environ, start_response)  # type: ignore[no-any-return]
 
     @staticmethod
@@ -70,14 +75,26 @@ class _Gate:
             return query["Action"][0]
         if environ.get("REQUEST_METHOD") != "POST":
             return None
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = 0
-        body = environ["wsgi.input"].read(length) if length else b""
-        environ["wsgi.input"] = io.BytesIO(body)
-        form = parse_qs(body.decode("utf-8", "replace"))
+        form = parse_qs(_body(environ).decode("utf-8", "replace"))
         return form["Action"][0] if "Action" in form else None
+
+
+def _body(environ: dict[str, Any]) -> bytes:
+    """The request body, read once and put back for whoever reads it next (moto)."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    body = environ["wsgi.input"].read(length) if length else b""
+    environ["wsgi.input"] = io.BytesIO(body)
+    return body
+
+
+def _reply(start_response: Any, reply: HttpReply) -> list[bytes]:
+    status, headers, body = reply
+    text = _STATUS_TEXT.get(status, "Error")
+    start_response(f"{status} {text}", [*headers, ("Content-Length", str(len(body)))])
+    return [body]
 
 
 class _Server(ThreadedMotoServer):

@@ -18,6 +18,10 @@ LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 #: sshd listening at one of the first PROBE_HOSTS of them means another sandbox owns it
 PROBE_HOSTS = range(4, 28)
 _PROC_NET = ("tcp", "udp", "tcp6", "udp6")
+#: a TCP connection that has ended and only waits out its timer (st 06 in /proc/net/tcp):
+#: nothing uses its addresses any more (an ssh to a stopped sandbox's node leaves one
+#: for a minute, which must not move the restarted sandbox to another /24)
+_TIME_WAIT = "06"
 
 
 def _proc_address(field: str) -> ipaddress.IPv4Address | None:
@@ -32,7 +36,8 @@ def _proc_address(field: str) -> ipaddress.IPv4Address | None:
 
 
 def sockets_in_use(proc_net: Path = Path("/proc/net")) -> list[tuple[ipaddress.IPv4Address, int]]:
-    """(address, port) of every local and remote end of this network namespace's sockets."""
+    """(address, port) of every local and remote end of this network namespace's sockets
+    (ended TCP connections in TIME_WAIT left out)."""
     ends: list[tuple[ipaddress.IPv4Address, int]] = []
     for name in _PROC_NET:
         try:
@@ -41,6 +46,8 @@ def sockets_in_use(proc_net: Path = Path("/proc/net")) -> list[tuple[ipaddress.I
             continue
         for line in lines:
             fields = line.split()
+            if name.startswith("tcp") and fields[3:4] == [_TIME_WAIT]:
+                continue
             for field in fields[1:3]:
                 address = _proc_address(field)
                 if address is not None:

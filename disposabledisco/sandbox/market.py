@@ -329,6 +329,8 @@ class SpotMarket:
         clock: SimClock | None = None,
         account_id: str = DEFAULT_ACCOUNT_ID,
         region: str = "us-east-1",
+        on_demand_prices: Mapping[str, float] | None = None,
+        default_on_demand_price: float = 0.096,
     ) -> None:
         self.seed = seed
         self.fulfil_delay = fulfil_delay
@@ -342,6 +344,9 @@ class SpotMarket:
         self.clock = clock or SimClock()
         self.account_id = account_id
         self.region = region
+        #: on-demand USD/hour per type (fixed), what the Price List API answers
+        self.on_demand_prices: dict[str, float] = dict(on_demand_prices or {})
+        self.default_on_demand_price = default_on_demand_price
         self.calls: Counter[str] = Counter()
         self.throttled: Counter[str] = Counter()
         self.events: list[MarketEvent] = []
@@ -404,6 +409,11 @@ class SpotMarket:
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
 
+    @staticmethod
+    def installed() -> SpotMarket | None:
+        """The market installed in this process, if any (the Price List answers use it)."""
+        return SpotMarket._installed
+
     def reset(self) -> None:
         """Forget state tied to moto's objects (call after a moto reset; also automatic)."""
         with self._lock:
@@ -440,6 +450,10 @@ class SpotMarket:
         """The current simulated spot price of ``instance_type``."""
         with self._lock:
             return self._prices.get(instance_type, self.default_price)
+
+    def on_demand_price(self, instance_type: str) -> float:
+        """The on-demand price of ``instance_type`` (it does not move)."""
+        return self.on_demand_prices.get(instance_type, self.default_on_demand_price)
 
     def set_price(self, instance_type: str, price: float) -> None:
         """Set the spot price; it takes effect (fulfilment, interruption) on the next tick."""
