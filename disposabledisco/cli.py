@@ -48,6 +48,7 @@ from .report import (
     foreign_json,
     foreign_warning,
     node_json,
+    parked_pools,
     pass_json,
     render_pass,
     status_table,
@@ -490,7 +491,7 @@ def cmd_up(config: Config, args: argparse.Namespace) -> int:
             report = run_pass(config, ec2, workers)
             code = report.exit_code
             final = (not args.wait or code == EXIT_CONVERGED or _permanent(report)
-                     or time.monotonic() >= deadline)
+                     or _parked_only(report) or time.monotonic() >= deadline)
             status.clear()
             if not final:
                 if not args.json and any(not r.skipped for r in report.results):
@@ -547,18 +548,27 @@ def _permanent(report: PassReport) -> bool:
                for r in report.results)
 
 
+def _parked_only(report: PassReport) -> bool:
+    """Nothing to do or await but parked capacity pools (minutes away): `--wait` stops
+    instead of polling EC2 until then; the report says when to run again."""
+    return bool(report.plan.notes) and not report.did_something and not waiting_text(report)
+
+
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     ec2 = Ec2Gateway(config)
     cluster = observe(config, ec2)
     prices = spot_prices(ec2, cluster)
+    parked = parked_pools(config)
     on_demand = on_demand_prices(config, {n.instance_type for n in cluster.nodes if billed(n)})
     if args.json:
         print(json.dumps({"nodes": [node_json(n, prices, on_demand) for n in cluster.nodes],
                           "foreign": [foreign_json(f) for f in cluster.foreign],
-                          "cost": cost_json(config, cluster, prices, on_demand=on_demand)},
+                          "cost": cost_json(config, cluster, prices, on_demand=on_demand),
+                          "parked": [p.to_json() for p in parked]},
                          indent=2, sort_keys=True))
     else:
-        print(status_table(config, cluster, prices, show_all=args.all, on_demand=on_demand))
+        print(status_table(config, cluster, prices, show_all=args.all, on_demand=on_demand,
+                           parked=parked))
     live = [n for n in cluster.nodes if n.is_live]
     ready = len(live) == 1 + config.desired_slaves and all(n.state == "ready" for n in live)
     return EXIT_CONVERGED if ready else EXIT_PROGRESSING

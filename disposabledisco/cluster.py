@@ -90,6 +90,8 @@ class Node:
     public_dns: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
     instance_tagged: bool = False
+    subnet_id: str | None = None  # where it was asked for or runs (capacity pools, pools.py)
+    zone: str | None = None
     state: str = "gone"
     reason: str = ""
 
@@ -323,7 +325,9 @@ def _clean_request(raw: Mapping) -> dict:
             "type": _text(raw.get("Type")), "status_code": _text(status.get("Code")),
             "bid": _price(raw.get("SpotPrice")),
             "instance_type": _text(spec.get("InstanceType")),
-            "image_id": _text(spec.get("ImageId")), "created": _moment(raw.get("CreateTime"))}
+            "image_id": _text(spec.get("ImageId")), "created": _moment(raw.get("CreateTime")),
+            "subnet_id": _text(spec.get("SubnetId")),
+            "zone": _text(_mapping(spec.get("Placement")).get("AvailabilityZone"))}
 
 
 def _clean_instance(raw: Mapping) -> dict:
@@ -333,6 +337,8 @@ def _clean_instance(raw: Mapping) -> dict:
             "instance_type": _text(raw.get("InstanceType")),
             "lifecycle": _text(raw.get("InstanceLifecycle")),
             "image_id": _text(raw.get("ImageId")), "launched": _moment(raw.get("LaunchTime")),
+            "subnet_id": _text(raw.get("SubnetId")),
+            "zone": _text(_mapping(raw.get("Placement")).get("AvailabilityZone")),
             **{key: _text(raw.get(field)) for key, field in (
                 ("private_ip", "PrivateIpAddress"), ("public_ip", "PublicIpAddress"),
                 ("private_dns", "PrivateDnsName"), ("public_dns", "PublicDnsName"))}}
@@ -415,7 +421,8 @@ def _node(tag_key: str, desired: Desired, now: datetime, request: dict | None,
         instance_state=inst.get("state"), launched=inst.get("launched"),
         private_ip=inst.get("private_ip"), public_ip=inst.get("public_ip"),
         private_dns=inst.get("private_dns"), public_dns=inst.get("public_dns"),
-        tags=tags,
+        tags=tags, subnet_id=inst.get("subnet_id") or req.get("subnet_id"),
+        zone=inst.get("zone") or req.get("zone"),
         instance_tagged=bool(instance) and tag_key in instance_tags
         and TAG_GROUP in instance_tags,
     )

@@ -217,6 +217,16 @@ class Config:
         """How many slaves the config asks for in all."""
         return sum(g.count for g in self.slave_groups)
 
+    @property
+    def places(self) -> tuple[str, ...]:
+        """Where a launch may go: each subnet of SUBNET_ID (a string or a list), else
+        AVAILABILITY_ZONE, else "" (EC2 chooses). With a capacity pool's instance type this
+        is what a parked pool is named by (see pools.py)."""
+        subnets = self.values.get("SUBNET_ID")
+        if subnets:
+            return (subnets,) if isinstance(subnets, str) else tuple(subnets)
+        return (self.values.get("AVAILABILITY_ZONE") or "",)
+
     @functools.cached_property
     def _named_region(self) -> str | None:
         """REGION, else AWS_REGION or AWS_DEFAULT_REGION, else the region of AWS_PROFILE (the
@@ -586,7 +596,7 @@ def _error_problems(error: ValidationError) -> list[_Problem]:
         why = f", above the maximum {error.validator_value}"
     elif kind == "exclusiveMinimum":
         why = f", but it must be greater than {error.validator_value}"
-    elif kind == "minLength":
+    elif kind in ("minLength", "minItems"):
         why = ", which is empty" if error.validator_value == 1 else ", which is too short"
     elif kind == "maxLength":
         why = f", longer than {error.validator_value} characters"
@@ -876,6 +886,12 @@ def _warnings(values: Mapping[str, Any], raw: Mapping[str, Any]) -> list[str]:
         out.append(f"TAG_KEY is {_show(_OLD_DEFAULT_TAG_KEY)}, the default of earlier versions "
                    "that other configs may share, and clusters sharing a TAG_KEY take each "
                    "other's nodes; keep it only if no other config in this account uses it.")
+    subnets = values["SUBNET_ID"]
+    if isinstance(subnets, list) and len(subnets) > 1 and values["AVAILABILITY_ZONE"]:
+        out.append(f"SUBNET_ID lists {len(subnets)} subnets and AVAILABILITY_ZONE is set, so "
+                   "every launch asks for that zone and EC2 refuses it in a subnet of another "
+                   "zone; remove AVAILABILITY_ZONE (a subnet names its zone) unless all the "
+                   "subnets are in it.")
     if values["HOST_KEY_POLICY"] == "insecure":
         out.append("HOST_KEY_POLICY is \"insecure\": SSH host keys are not checked, so use it "
                    "only for tests.")

@@ -31,6 +31,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from .cluster import TAG_GROUP, ownership
 from .config import Config
+from .pools import CAPACITY_CODES, Pool
 
 FILTER_CHUNK = 200
 PAGE_SIZE = 1000
@@ -66,6 +67,7 @@ class AwsError(Exception):
 
     def __init__(self, code: str, message: str, hint: str = "") -> None:
         self.code = code
+        self.message = message
         text = f"EC2 {code}: {message}"
         super().__init__(f"{text} ({hint})" if hint else text)
 
@@ -78,6 +80,28 @@ class NotOurs(AwsError):
         super().__init__(
             "NotOurs", f"refused to {verb} {shown}: not seen as {tag_key}=master/slave in "
             "this pass", "nothing was sent to EC2; `status` lists what is not ours")
+
+
+class NoCapacity(AwsError):
+    """EC2 had no capacity in the pools asked for; `pools` maps each to EC2's code, and
+    `advice` is what else helps (HINTS: a limit of the account is not a pool's)."""
+
+    def __init__(self, code: str, message: str, pools: Mapping[Pool, str],
+                 advice: str = "") -> None:
+        super().__init__(code, message, "; ".join(filter(None, [
+            advice, "those pools are parked and the next pass launches elsewhere (see "
+            "CAPACITY_PARK_MINUTES)"])))
+        self.pools = dict(pools)
+        self.advice = advice
+
+
+@dataclass(frozen=True)
+class Launched:
+    """What one create call made (request or instance ids) and the pools of a fleet that
+    EC2 reported full while it launched in others (→ their error code)."""
+
+    ids: list[str]
+    full: dict[Pool, str]
 
 
 @dataclass(frozen=True)
@@ -279,22 +303,50 @@ class Ec2Gateway:
     # -- writes ------------------------------------------------------------------------
 
     def launch(self, role: str, group: str, instance_type: str, count: int, market: str,
-               bid: float | None, token: str) -> list[str]:
-        """Create `count` instances of one group in one call; returns request or instance ids."""
+               bid: float | None, token: str, pools: tuple[Pool, ...] = ()) -> Launched:
+        """Create `count` instances of one group in one call, in `pools` (default: the
+        group's types in every configured place for a fleet, else `instance_type` in the
+        first place). A capacity error is a `NoCapacity` naming the full pools."""
         tags = [{"Key": self.config.tag_key, "Value": role}, {"Key": TAG_GROUP, "Value": group}]
-        if market == "spot" and self.fleet:
-            ids = self._create_fleet(role, group, count, bid, token, tags)
-            self._our_instances.update(ids)
-        elif market == "spot":
-            ids = self._request_spot(instance_type, count, bid, token, tags)
-            self._our_requests.update(ids)
-        else:
-            ids = self._run_on_demand(instance_type, count, token, tags)
-            self._our_instances.update(ids)
-        return ids
+        fleet = market == "spot" and self.fleet
+        if not pools:
+            types = next(g.choices for g in self.config.groups
+                         if g.role == role and g.name == group) if fleet else (instance_type,)
+            places = self.config.places if fleet else self.config.places[:1]
+            pools = tuple((t, p) for t in types for p in places)
+        if fleet:
+            launched = self._create_fleet(pools, count, bid, token, tags, role)
+            self._our_instances.update(launched.ids)
+            return launched
+        try:
+            if market == "spot":
+                ids = self._request_spot(pools[0], count, bid, token, tags)
+                self._our_requests.update(ids)
+            else:
+                ids = self._run_on_demand(pools[0], count, token, tags)
+                self._our_instances.update(ids)
+        except AwsError as error:
+            if error.code in CAPACITY_CODES:
+                raise NoCapacity(error.code, error.message, {pools[0]: error.code},
+                                 _hint(self.config, error.code)) from None
+            raise
+        return Launched(ids, {})
 
-    def _launch_spec(self, instance_type: str) -> dict[str, Any]:
+    def _placement(self, place: str) -> dict[str, Any]:
+        """A pool's place as launch parameters: its subnet, and the zone (AVAILABILITY_ZONE,
+        else the place itself when it is a zone)."""
+        out: dict[str, Any] = {}
+        if place.startswith("subnet-"):
+            out["SubnetId"] = place
+        zone = self.config["AVAILABILITY_ZONE"] or (place if place and "SubnetId" not in out
+                                                    else None)
+        if zone:
+            out["AvailabilityZone"] = zone
+        return out
+
+    def _launch_spec(self, pool: Pool) -> dict[str, Any]:
         config = self.config
+        instance_type, place = pool
         spec: dict[str, Any] = {"ImageId": config["AMI"], "InstanceType": instance_type,
                                 "KeyName": config["KEY_NAME"]}
         groups = list(config["SECURITY_GROUPS"] or [])
@@ -304,10 +356,11 @@ class Ec2Gateway:
             spec["SecurityGroupIds"] = ids
         if names:
             spec["SecurityGroups"] = names
-        if config["SUBNET_ID"]:
-            spec["SubnetId"] = config["SUBNET_ID"]
-        if config["AVAILABILITY_ZONE"]:
-            spec["Placement"] = {"AvailabilityZone": config["AVAILABILITY_ZONE"]}
+        where = self._placement(place)
+        if "SubnetId" in where:
+            spec["SubnetId"] = where["SubnetId"]
+        if "AvailabilityZone" in where:
+            spec["Placement"] = {"AvailabilityZone": where["AvailabilityZone"]}
         profile = config["IAM_INSTANCE_PROFILE"]
         if profile:
             spec["IamInstanceProfile"] = ({"Arn": profile} if profile.startswith("arn:")
@@ -321,7 +374,7 @@ class Ec2Gateway:
         is simply reused; created once, tagged in the creating call like everything else.
         Asked for once per gateway: the slave groups of one pass share one template.
         """
-        spec = self._launch_spec("")
+        spec = self._launch_spec(("", ""))
         for key in ("InstanceType", "SubnetId", "Placement"):
             spec.pop(key, None)
         digest = hashlib.sha256(json.dumps([self.config.tag_key, role, spec],
@@ -340,21 +393,15 @@ class Ec2Gateway:
         self._templates.add(name)
         return name
 
-    def _create_fleet(self, role: str, group: str, count: int, bid: float | None, token: str,
-                      tags: list[dict]) -> list[str]:
-        """One CreateFleet (instant, price-capacity-optimized) over the group's types.
+    def _create_fleet(self, pools: tuple[Pool, ...], count: int, bid: float | None, token: str,
+                      tags: list[dict], role: str) -> Launched:
+        """One CreateFleet (instant, price-capacity-optimized), one override per pool.
 
         EC2 answers at once with the instances it launched and an error per pool it could
-        not use; when nothing launched the first error is the AwsError of the call.
+        not use; the full pools come back with the ids, and when nothing launched the
+        first error is the AwsError of the call (NoCapacity when pools were full).
         """
-        spec = next(g for g in self.config.groups if g.role == role and g.name == group)
-        place: dict[str, Any] = {}
-        if self.config["SUBNET_ID"]:
-            place["SubnetId"] = self.config["SUBNET_ID"]
-        if self.config["AVAILABILITY_ZONE"]:
-            place["AvailabilityZone"] = self.config["AVAILABILITY_ZONE"]
-        if bid is not None:
-            place["MaxPrice"] = _price(bid)
+        price = {"MaxPrice": _price(bid)} if bid is not None else {}
         with self._errors():
             answer = self.client.create_fleet(
                 Type="instant", ClientToken=token,
@@ -365,26 +412,33 @@ class Ec2Gateway:
                     "LaunchTemplateSpecification": {
                         "LaunchTemplateName": self._launch_template(role, tags),
                         "Version": "$Latest"},
-                    "Overrides": [{"InstanceType": t, **place} for t in spec.choices]}],
+                    "Overrides": [{"InstanceType": t, **self._placement(p), **price}
+                                  for t, p in pools]}],
                 TagSpecifications=[{"ResourceType": kind, "Tags": tags}
                                    for kind in ("fleet", "instance")])
         launched = answer.get("Instances") if isinstance(answer, Mapping) else None
         ids = [i for item in launched or () if isinstance(item, Mapping)
                for i in item.get("InstanceIds") or () if isinstance(i, str) and i]
-        if ids:
-            return ids
         errors = answer.get("Errors") if isinstance(answer, Mapping) else None
-        first = errors[0] if isinstance(errors, list) and errors \
-            and isinstance(errors[0], Mapping) else {}
+        errors = [e for e in errors or () if isinstance(e, Mapping)] \
+            if isinstance(errors, list) else []
+        full = {_error_pool(e): str(e["ErrorCode"]) for e in errors
+                if e.get("ErrorCode") in CAPACITY_CODES}
+        if ids:
+            return Launched(ids, full)
+        first = errors[0] if errors else {}
         code = str(first.get("ErrorCode") or "MalformedResponse")
-        raise AwsError(code, str(first.get("ErrorMessage") or "the fleet launched nothing"),
-                       _hint(self.config, code) or "run again later")
+        message = str(first.get("ErrorMessage") or "the fleet launched nothing")
+        if full:
+            code = code if code in CAPACITY_CODES else next(iter(full.values()))
+            raise NoCapacity(code, message, full, _hint(self.config, code))
+        raise AwsError(code, message, _hint(self.config, code) or "run again later")
 
-    def _request_spot(self, instance_type: str, count: int, bid: float | None, token: str,
+    def _request_spot(self, pool: Pool, count: int, bid: float | None, token: str,
                       tags: list[dict]) -> list[str]:
         kwargs: dict[str, Any] = {
             "InstanceCount": count, "Type": self.config["SPOT_REQUEST_TYPE"],
-            "ClientToken": token, "LaunchSpecification": self._launch_spec(instance_type),
+            "ClientToken": token, "LaunchSpecification": self._launch_spec(pool),
             "TagSpecifications": [{"ResourceType": "spot-instances-request", "Tags": tags}]}
         if bid is not None:
             kwargs["SpotPrice"] = _price(bid)
@@ -392,9 +446,9 @@ class Ec2Gateway:
             answer = self.client.request_spot_instances(**kwargs)
         return _created_ids(answer, "SpotInstanceRequests", "SpotInstanceRequestId")
 
-    def _run_on_demand(self, instance_type: str, count: int, token: str,
+    def _run_on_demand(self, pool: Pool, count: int, token: str,
                        tags: list[dict]) -> list[str]:
-        spec = self._launch_spec(instance_type)
+        spec = self._launch_spec(pool)
         placement = spec.pop("Placement", None)
         kwargs: dict[str, Any] = {
             **spec, "MinCount": count, "MaxCount": count, "ClientToken": token,
@@ -448,6 +502,18 @@ class Ec2Gateway:
 
     def _errors(self) -> _ErrorTranslator:
         return _ErrorTranslator(self.config)
+
+
+def _error_pool(error: Mapping) -> Pool:
+    """The pool a CreateFleet error entry is about: its override's type and place."""
+    both = _mapping(error.get("LaunchTemplateAndOverrides"))
+    override = _mapping(both.get("Overrides"))
+    place = override.get("SubnetId") or override.get("AvailabilityZone") or ""
+    return (str(override.get("InstanceType") or ""), str(place))
+
+
+def _mapping(value: Any) -> Mapping:
+    return value if isinstance(value, Mapping) else {}
 
 
 def _hint(config: Config, code: str) -> str:

@@ -7,6 +7,8 @@ give up first) is a table-testable function of its inputs.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
@@ -23,6 +25,7 @@ from .cluster import (
 )
 from .config import Config, GroupSpec, plural, usd
 from .disco import membership_digest
+from .pools import CAPACITY_CODES, Park, Pool, clock_text, in_force
 
 
 @dataclass(frozen=True)
@@ -78,14 +81,16 @@ class Launch(Action):
     market: str
     bid: float | None
     key: str  # see launch_key; the ClientToken is looked up from it when applied
-    instance_types: tuple[str, ...] = ()  # a fleet's pools, instance_type first; () = just it
+    #: the capacity pools it may use: one for a spot request or on-demand launch, every
+    #: unparked (type, place) of the group for a fleet; () = instance_type, as configured
+    pools: tuple[Pool, ...] = ()
 
     def describe(self) -> str:
         what = f"bid {usd(self.bid or 0.0)} USD/h for" if self.market == "spot" \
             else "launch on-demand"
-        types = " | ".join(self.instance_types) if len(self.instance_types) > 1 \
-            else self.instance_type
-        return f"{what} {self.count} × {types} ({self.role})"
+        types = " | ".join(dict.fromkeys(t for t, _ in self.pools)) or self.instance_type
+        places = ", ".join(dict.fromkeys(p for _, p in self.pools if p))
+        return f"{what} {self.count} × {types}{f' in {places}' if places else ''} ({self.role})"
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,10 @@ class ApplyMembership(NodeAction):
 class Plan:
     actions: tuple[Action, ...]
     problems: tuple[str, ...] = ()
+    #: what waits without being a failure (every pool of a group parked), for the report
+    notes: tuple[str, ...] = ()
+    #: pools to park (→ EC2's status code): open requests stuck in a capacity status
+    parks: tuple[tuple[Pool, str], ...] = ()
 
     @property
     def ec2_actions(self) -> tuple[Action, ...]:
@@ -144,7 +153,7 @@ class Plan:
 
 
 def launch_key(tag_key: str, group: GroupSpec, count: int, market: str,
-               cluster: Cluster) -> str:
+               cluster: Cluster, pools: tuple[Pool, ...] = ()) -> str:
     """The identity of a launch decision: the group, the count and what this pass saw.
 
     A pass that crashes after a create and runs again before EC2 lists the new request sees
@@ -154,7 +163,7 @@ def launch_key(tag_key: str, group: GroupSpec, count: int, market: str,
     """
     seen = sorted(n.key for n in cluster.of(group.role, group.name))
     text = "|".join([tag_key, group.role, group.name, *group.choices, str(count), market,
-                     *seen])
+                     *seen, *(f"{t}@{p}" for t, p in pools)])
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
@@ -174,6 +183,9 @@ class _Draft:
     launches: list[Launch] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     leaving: list[Node] = field(default_factory=list)
+    parked: dict[Pool, Park] = field(default_factory=dict)  # in force now
+    notes: list[str] = field(default_factory=list)
+    parks: dict[Pool, str] = field(default_factory=dict)
 
     def remove(self, node: Node) -> None:
         """Give a node up: cancel its request first (a persistent one would relaunch)."""
@@ -184,11 +196,14 @@ class _Draft:
             self.terminates.append(node.instance_id)
 
 
-def plan(config: Config, cluster: Cluster, now: datetime) -> Plan:
-    """Everything one pass should do, in the order it must run."""
-    draft = _Draft(config, cluster, now)
+def plan(config: Config, cluster: Cluster, now: datetime,
+         parked: Mapping[Pool, Park] | None = None) -> Plan:
+    """Everything one pass should do, in the order it must run; launches avoid the
+    `parked` pools still in force at `now` (see pools.py)."""
+    draft = _Draft(config, cluster, now, parked=in_force((parked or {}).values(), now))
     _tag_untagged(cluster, draft.tags)
     _clean_up_dead(cluster, draft.cancels, draft.terminates)
+    _give_up_stuck_bids(draft)
     for node in cluster.nodes:  # a master that never works is replaced too; slaves re-join
         if node.state in ("running", "ready") and unresponsive(config, node, now):
             draft.remove(node)
@@ -217,7 +232,31 @@ def plan(config: Config, cluster: Cluster, now: datetime) -> Plan:
             node_work[0].member_ids == drain.member_ids:
         node_work = []  # the removal above already writes this very table
     actions.extend(node_work)
-    return Plan(tuple(actions), tuple(draft.problems))
+    return Plan(tuple(actions), tuple(draft.problems), tuple(draft.notes),
+                tuple(draft.parks.items()))
+
+
+def node_pool(config: Config, node: Node) -> Pool:
+    """The capacity pool a node was asked for in, named as `Config.places` names places."""
+    place = (node.subnet_id if config["SUBNET_ID"] else
+             node.zone if config["AVAILABILITY_ZONE"] else "") or ""
+    return (node.instance_type, place)
+
+
+def _give_up_stuck_bids(draft: _Draft) -> None:
+    """An open bid that EC2 holds in a capacity status waits for nothing: cancel it and
+    park its pool, so this pass bids elsewhere (only while CAPACITY_PARK_MINUTES is on;
+    else it waits out SPOT_OPEN_TIMEOUT_MINUTES as any open bid). One found only after
+    that timeout parks its pool too."""
+    minutes = draft.config.get("CAPACITY_PARK_MINUTES") or 0
+    for node in draft.cluster.nodes:
+        if minutes > 0 and node.request_state == "open" and node.status_code in CAPACITY_CODES:
+            if node.is_live:  # else open too long: _clean_up_dead cancels it already
+                draft.remove(node)
+            pool = node_pool(draft.config, node)
+            draft.parks[pool] = node.status_code
+            draft.parked[pool] = Park(pool, draft.now + timedelta(minutes=minutes),
+                                      node.status_code)
 
 
 def unresponsive(config: Config, node: Node, now: datetime) -> bool:
@@ -269,7 +308,7 @@ def _keep_to_budget(draft: _Draft) -> None:
         if affordable > 0:
             kept.append(replace(launch, count=affordable, key=launch_key(
                 draft.config.tag_key, _group_of(draft.config, launch), affordable,
-                launch.market, draft.cluster)))
+                launch.market, draft.cluster, launch.pools)))
             spent += affordable * price
     draft.launches[:] = kept
 
@@ -395,11 +434,43 @@ def _size_group(draft: _Draft, group: GroupSpec) -> None:
         if market == "on-demand" and group.market == "spot":
             why += f"; spot bids open over {config['SPOT_OPEN_TIMEOUT_MINUTES']} min, " \
                    "falling back to on-demand"
-        draft.launches.append(Launch(
-            why, group.role, group.name, group.instance_type, count, market,
-            group.max_bid if market == "spot" else None,
-            launch_key(config.tag_key, group, count, market, cluster),
-            group.choices if market == "spot" else (group.instance_type,)))
+        for pools, share in _placements(draft, group, market, count, live):
+            draft.launches.append(Launch(
+                why, group.role, group.name, pools[0][0], share, market,
+                group.max_bid if market == "spot" else None,
+                launch_key(config.tag_key, group, share, market, cluster, pools), pools))
+
+
+def _placements(draft: _Draft, group: GroupSpec, market: str, count: int,
+                live: list[Node]) -> list[tuple[tuple[Pool, ...], int]]:
+    """Where `count` new nodes of a group go: (pools, how many) per launch.
+
+    A fleet gets every unparked (type, place) of the group in one launch and EC2 picks;
+    a spot request or on-demand launch names one place, so the count is spread over the
+    unparked places, those with the fewest of the group's live nodes first. When every
+    pool is parked nothing is launched and a note says until when.
+    """
+    config = draft.config
+    fleet = market == "spot" and config.get("LAUNCH_API") == "fleet"
+    types = group.choices if fleet else (group.instance_type,)
+    pools = [(t, p) for t in types for p in config.places]
+    free = [p for p in pools if p not in draft.parked]
+    if not free:
+        parks = sorted((draft.parked[p] for p in pools), key=lambda k: (k.until, k.pool))
+        who = "master" if group.role == "master" else f"{group.name} slave"
+        draft.notes.append(
+            f"no {who} launched: every pool it may use is parked after "
+            f"a capacity error ({'; '.join(p.text() for p in parks)}); the next pass after "
+            f"{clock_text(parks[0].until)} tries again (CAPACITY_PARK_MINUTES 0 retries now)")
+        return []
+    if fleet:
+        return [(tuple(free), count)]
+    load = Counter(node_pool(config, n)[1] for n in live)
+    shares: Counter[Pool] = Counter()
+    for _ in range(count):
+        pool = min(free, key=lambda p: (load[p[1]] + shares[p], free.index(p)))
+        shares[pool] += 1
+    return [((pool,), shares[pool]) for pool in free if shares[pool]]
 
 
 def _removal_order(live: list[Node]) -> list[Node]:

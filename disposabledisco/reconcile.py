@@ -32,7 +32,7 @@ from .cluster import (
 )
 from .config import Config, plural
 from .disco import membership_digest
-from .ec2 import AwsError, Ec2Gateway
+from .ec2 import AwsError, Ec2Gateway, NoCapacity
 from .hostkeys import HostKeyStore
 from .plan import (
     Action,
@@ -48,6 +48,7 @@ from .plan import (
     plan,
     plan_down,
 )
+from .pools import ParkBook, Pool, clock_text, pool_text
 from .ssh import SshError, fault_of
 from .tokens import TokenBook
 
@@ -174,7 +175,12 @@ def run_pass(config: Config, ec2: Ec2Gateway, nodes: NodeWorker | None, *,
     if not down:
         config, asleep, notes = _idle_check(config, cluster, nodes, moment, dry_run)
     down = down or asleep
-    the_plan = plan_down(cluster) if down else plan(config, cluster, moment)
+    parks = ParkBook(config.state_dir)
+    minutes = config["CAPACITY_PARK_MINUTES"]
+    the_plan = plan_down(cluster) if down else plan(
+        config, cluster, moment, parks.parked(moment) if minutes else None)
+    if not dry_run:
+        parks.park(dict(the_plan.parks), moment, minutes)
     report = PassReport(cluster, the_plan, notes, dry_run,
                         0 if down else sum(g.count for g in config.slave_groups),
                         0 if asleep else 1)
@@ -273,10 +279,29 @@ class _Applier:
         return ActionResult(action, True)
 
     def _Launch(self, action: Launch) -> ActionResult:
-        ids = self.ec2.launch(action.role, action.group, action.instance_type, action.count,
-                              action.market, action.bid,
-                              self.tokens.token_for(action.key, self.now))
-        return ActionResult(action, True, ", ".join(ids))
+        """A capacity error is no failure: its pools are parked and the next pass launches
+        elsewhere (skipped: nothing was made)."""
+        try:
+            launched = self.ec2.launch(action.role, action.group, action.instance_type,
+                                       action.count, action.market, action.bid,
+                                       self.tokens.token_for(action.key, self.now),
+                                       action.pools)
+        except NoCapacity as error:
+            advice = f" ({error.advice})" if error.advice else ""
+            return ActionResult(action, True, f"EC2 {error.code}: {self._park(error.pools)}"
+                                f"{advice}", skipped=True)
+        parked = f"; {self._park(launched.full)}" if launched.full else ""
+        return ActionResult(action, True, ", ".join(launched.ids) + parked)
+
+    def _park(self, pools: dict[Pool, str]) -> str:
+        """Park full pools; what to tell the user about it."""
+        minutes = self.config["CAPACITY_PARK_MINUTES"]
+        parked = ParkBook(self.config.state_dir).park(pools, self.now, minutes)
+        names = ", ".join(pool_text(p) for p in pools)
+        if not parked:
+            return f"no capacity in {names} (CAPACITY_PARK_MINUTES is 0: not parked)"
+        return (f"no capacity in {names}: parked until {clock_text(parked[0].until)}; the "
+                "next pass launches elsewhere")
 
     # -- nodes -------------------------------------------------------------------------
 

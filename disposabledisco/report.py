@@ -17,6 +17,7 @@ from .cluster import STATE_UNKNOWN, Cluster, Foreign, Node, ssh_address
 from .config import Config, plural, usd
 from .hostkeys import HostKeyStore
 from .plan import Action
+from .pools import Park, ParkBook
 from .pricing import OnDemand
 from .reconcile import EXIT_CONVERGED, EXIT_FAILED, EXIT_PROGRESSING, PassReport
 
@@ -40,6 +41,9 @@ def up_verdict(report: PassReport, wait: bool, elapsed: float, timeout: float) -
     took = f" after {elapsed:.1f} s" if wait else ""
     if code == EXIT_CONVERGED:
         return f"converged{took}: the cluster matches the config"
+    if report.plan.notes:
+        return (f"waiting for parked capacity pools{took} (see 'parked:' above): run again "
+                "after the time shown, or add subnets (SUBNET_ID) or instance types")
     if wait:
         return (f"not converged after {elapsed:.1f} s (--timeout {timeout:g}): run again "
                 "to continue")
@@ -81,6 +85,7 @@ def render_pass(report: PassReport, verdict: str | None = None, waiting: bool = 
             lines.append(f"      {instance_id}: {tail[0]}")
             lines += [f"        | {line}" for line in tail[1:]]
     lines += [f"  problem: {p}" for p in report.plan.problems]
+    lines += [f"  parked: {n}" for n in report.plan.notes]
     awaited = waiting_text(report) if waiting else ""
     if awaited and not report.failed:
         lines.append(f"  waiting: {awaited}")
@@ -101,6 +106,7 @@ def pass_json(report: PassReport) -> dict[str, Any]:
         "plan": [{"action": type(a).__name__, "description": a.describe(), "reason": a.reason}
                  for a in report.plan.actions],
         "problems": list(report.plan.problems),
+        "notes": list(report.plan.notes),
         "results": [{"action": type(r.action).__name__, "description": r.action.describe(),
                      "ok": r.ok, "skipped": r.skipped, "detail": r.detail,
                      "node_errors": r.node_errors} for r in report.results],
@@ -250,13 +256,23 @@ def _state_text(node: Node) -> str:
     return "ended: no instance, not billed"
 
 
+def parked_pools(config: Config, now: datetime | None = None) -> list[Park]:
+    """The capacity pools launches avoid now (none while CAPACITY_PARK_MINUTES is 0)."""
+    if not config["CAPACITY_PARK_MINUTES"]:
+        return []
+    parked = ParkBook(config.state_dir).parked(now or datetime.now(timezone.utc))
+    return sorted(parked.values(), key=lambda p: (p.until, p.pool))
+
+
 def status_table(config: Config, cluster: Cluster, prices: Prices | None = None,
-                 show_all: bool = False, on_demand: OnDemand | None = None) -> str:
+                 show_all: bool = False, on_demand: OnDemand | None = None,
+                 parked: list[Park] | None = None) -> str:
     """One row per live (or still billed) node: role, instance, type, state/reason,
     address, price, ready; with ``show_all`` also the ended ones (history).
 
     Then one row per foreign resource, role "not ours", its kind and why: shown so the
-    user sees what shares the tag key, never counted. Then what it costs.
+    user sees what shares the tag key, never counted. Then the parked capacity pools
+    and what it costs.
     """
     prices = prices or {}
     header = ("ROLE", "INSTANCE", "TYPE", "STATE", "ADDRESS", "PRICE", "READY")
@@ -281,6 +297,7 @@ def status_table(config: Config, cluster: Cluster, prices: Prices | None = None,
     if hidden:
         what = "ended request or instance" if hidden == 1 else "ended requests or instances"
         lines.append(f"{hidden} {what} not shown (not billed): --all lists them")
+    lines += [f"parked: {p.text()}: launches avoid it" for p in parked or ()]
     return "\n".join(lines + _cost_lines(config, cluster, prices, on_demand))
 
 

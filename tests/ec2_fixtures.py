@@ -105,6 +105,24 @@ def calls(ec2_env: Ec2Env) -> Iterator[list[str]]:
 
 
 @pytest.fixture
+def create_fleet_params(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The parameters of every CreateFleet the gateway sends from now on, as sent."""
+    from disposabledisco import ec2 as ec2_module
+
+    sent: list[dict[str, Any]] = []
+    real = ec2_module.make_client
+
+    def spying_client(*args: Any, **kwargs: Any) -> Any:
+        client = real(*args, **kwargs)
+        client.meta.events.register("provide-client-params.ec2.CreateFleet",
+                                    lambda params, **_: sent.append(dict(params)))
+        return client
+
+    monkeypatch.setattr(ec2_module, "make_client", spying_client)
+    return sent
+
+
+@pytest.fixture
 def config_defaults() -> dict[str, Any]:
     """Keys every config of a test module gets; a module overrides this fixture to change
     them (test_fleet.py: its own TAG_KEY and LAUNCH_API "fleet")."""

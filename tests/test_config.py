@@ -90,7 +90,7 @@ def test_schema_covers_the_contract_keys():
     # source build (issue 8)
     ours = {"SSH_DEADLINE_SECONDS", "DISCO_TARBALL_SHA256", "DISCO_SOURCE",
             "DISCO_SOURCE_SHA256", "DISCO_SOURCE_BASE_URL", "IDLE_MINUTES", "IDLE_ACTION",
-            "LAUNCH_API"}
+            "LAUNCH_API", "CAPACITY_PARK_MINUTES"}
     assert set(load_schema()["properties"]) == design_keys | ours | {"$schema"}
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-from disposabledisco import ec2 as ec2_module
 from disposabledisco.cli import main
 from disposabledisco.config import ConfigError, load_config
 from disposabledisco.ec2 import AwsError, Ec2Gateway
@@ -36,17 +35,8 @@ def live(ec2_env, tag_key="ddfleet"):
 
 
 def test_up_from_empty_launches_master_and_slaves_by_create_fleet(
-        ec2_env, spot_market, write_config, calls, monkeypatch):
-    sent = []
-    real = ec2_module.make_client
-
-    def spying_client(*args, **kwargs):
-        client = real(*args, **kwargs)
-        client.meta.events.register("provide-client-params.ec2.CreateFleet",
-                                    lambda params, **_: sent.append(dict(params)))
-        return client
-
-    monkeypatch.setattr(ec2_module, "make_client", spying_client)
+        ec2_env, spot_market, write_config, calls, create_fleet_params):
+    sent = create_fleet_params
     path = write_config()
     assert up(path) == 10
     assert calls.count("CreateFleet") == 2  # master, then one call for 3 slaves
@@ -100,12 +90,12 @@ def test_no_pool_under_the_bid_is_one_aws_error_line(ec2_env, spot_market, write
 def test_retried_launch_with_the_same_client_token_creates_nothing_twice(
         ec2_env, spot_market, write_config):
     gateway = Ec2Gateway(load_config(write_config()))
-    first = gateway.launch("slave", "m5.large", "m5.large", 2, "spot", 0.10, "tok-1")
+    first = gateway.launch("slave", "m5.large", "m5.large", 2, "spot", 0.10, "tok-1").ids
     again = Ec2Gateway(load_config(write_config())).launch(
-        "slave", "m5.large", "m5.large", 2, "spot", 0.10, "tok-1")
+        "slave", "m5.large", "m5.large", 2, "spot", 0.10, "tok-1").ids
     assert first == again and len(first) == 2
     assert live(ec2_env) == [("slave", "m5.large")] * 2
-    other = gateway.launch("slave", "m5.large", "m5.large", 1, "spot", 0.10, "tok-2")
+    other = gateway.launch("slave", "m5.large", "m5.large", 1, "spot", 0.10, "tok-2").ids
     assert set(other).isdisjoint(first)
     assert len(live(ec2_env)) == 3
 

@@ -231,7 +231,7 @@ def test_the_gateway_refuses_writes_to_ids_it_did_not_see_as_ours(
             attempt()
     assert not MUTATING & set(calls), calls
     # what it creates is its own at once; a mix of ours and theirs is refused as a whole
-    [mine] = gateway.launch("slave", "m5.large", "m5.large", 1, "spot", 0.1, "token-1")
+    [mine] = gateway.launch("slave", "m5.large", "m5.large", 1, "spot", 0.1, "token-1").ids
     with pytest.raises(NotOurs, match=strangers.request):
         gateway.cancel([mine, strangers.request])
     assert not MUTATING - {"RequestSpotInstances"} & set(calls)

@@ -338,9 +338,10 @@ def test_down_of_nothing_is_empty():
 def test_launch_key_names_the_decision_and_what_was_observed(change, same_key):
     group = config().slave_groups[0]
     cluster = Cluster((node(),))
-    base = launch_key("dd", group, 2, "spot", cluster)
+    pools = ((group.instance_type, config().places[0]),)  # where plan() puts the bid
+    base = launch_key("dd", group, 2, "spot", cluster, pools)
     other = {
-        "same": lambda: launch_key("dd", group, 2, "spot", cluster),
+        "same": lambda: launch_key("dd", group, 2, "spot", cluster, pools),
         "later": lambda: plan(config(NUM_SLAVES=3), cluster, NOW + timedelta(hours=5)),
         "new-node": lambda: launch_key("dd", group, 2, "spot",
                                        Cluster((*cluster.nodes, node()))),
@@ -457,7 +458,7 @@ def test_budget_across_two_slave_groups_charges_the_first_to_the_second():
     assert launches(p)[1:] == [("slave", "m5.large", 2, "spot"), ("slave", "c5.xlarge", 1, "spot")]
     assert len(p.problems) == 1 and "c5.xlarge" in p.problems[0]
     kept = [a for a in p.actions if isinstance(a, Launch)][2]
-    assert kept.key == launch_key("dd", cfg.slave_groups[1], 1, "spot", Cluster(()))
+    assert kept.key == launch_key("dd", cfg.slave_groups[1], 1, "spot", Cluster(()), kept.pools)
 
 
 def test_budget_that_allows_nothing_more_launches_nothing():

@@ -30,7 +30,7 @@ from disposabledisco.cluster import (
     join_tag,
 )
 from disposabledisco.config import parse_config
-from disposabledisco.ec2 import AwsError, Observation
+from disposabledisco.ec2 import AwsError, Launched, Observation
 from disposabledisco.hostkeys import HostKey, HostKeyStore
 from disposabledisco.plan import ApplyMembership, Bootstrap, CancelRequests, Join, Launch
 from disposabledisco.ssh import SshError
@@ -112,7 +112,8 @@ class FakeEc2:
         for iid in instance_ids:
             self.instances[iid]["State"] = {"Name": "terminated"}
 
-    def launch(self, role, group, instance_type, count, market, bid, token) -> list[str]:
+    def launch(self, role, group, instance_type, count, market, bid, token,
+               pools=()) -> Launched:
         self.writes.append(("launch", role, count, market, token))
         self.launched.append((role, group, instance_type, count, market, bid))
         if self.fail_launch:
@@ -131,7 +132,7 @@ class FakeEc2:
                 "Type": "one-time", "LaunchSpecification": {"InstanceType": instance_type},
                 "Tags": [{"Key": TAG, "Value": role}, {"Key": TAG_GROUP, "Value": group}]}
             ids.append(rid)
-        return ids
+        return Launched(ids, {})
 
 
 @dataclass

@@ -9,6 +9,10 @@ its extra state next to moto's own objects:
 * ``RequestSpotInstances`` creates requests ``open``/``pending-evaluation`` with no
   instance; :meth:`SpotMarket.tick` fulfils them once ``fulfil_delay`` simulated seconds have
   passed, the simulated price is at most the bid and capacity remains.
+* capacity is capped per instance type and, optionally, per pool (type in one subnet or
+  zone, :meth:`SpotMarket.set_capacity` with ``place``): a request there stays open as
+  ``capacity-not-available``, a spot ``RunInstances`` fails with
+  ``InsufficientInstanceCapacity`` and a ``CreateFleet`` reports that pool in ``Errors``.
 * interruptions (explicit, random, by price or by lost capacity) close one-time requests
   and reopen persistent ones; terminating an instance does the same (``...-by-user``).
 * cancelling keeps the request visible as ``cancelled`` and never terminates its instance.
@@ -28,6 +32,7 @@ describe results after hours, and pagination of ``DescribeSpotInstanceRequests``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -348,6 +353,7 @@ class SpotMarket:
         self.callback_errors: list[BaseException] = []
         self._prices: dict[str, float] = dict(prices or {})
         self._capacity: dict[str, int] = dict(capacity or {})
+        self._pool_capacity: dict[tuple[str, str], int] = {}  # (type, subnet or zone) -> cap
         self._rng = random.Random(seed)
         self._throttle_rng = random.Random(f"{seed}-throttle")
         self._lock = threading.RLock()
@@ -454,14 +460,22 @@ class SpotMarket:
         with self._lock:
             self._prices[instance_type] = float(price)
 
-    def set_capacity(self, instance_type: str, count: int | None) -> None:
+    def set_capacity(self, instance_type: str, count: int | None,
+                     place: str | None = None) -> None:
         """Cap running spot instances of a type (``None`` = unlimited); excess is
-        interrupted with ``instance-terminated-no-capacity`` on the next tick."""
+        interrupted with ``instance-terminated-no-capacity`` on the next tick.
+
+        With ``place`` (a subnet id or a zone) the cap is for that pool only: 0 makes
+        every launch there (a spot request's evaluation, RunInstances with spot options,
+        a CreateFleet override) find no capacity, while the type's own cap still holds.
+        """
+        caps: dict[Any, int] = self._capacity if place is None else self._pool_capacity
+        key: Any = instance_type if place is None else (instance_type, place)
         with self._lock:
             if count is None:
-                self._capacity.pop(instance_type, None)
+                caps.pop(key, None)
             else:
-                self._capacity[instance_type] = int(count)
+                caps[key] = int(count)
 
     def on_launch(self, callback: LaunchCallback) -> None:
         """Call ``callback(instance_id, private_ip)`` for every instance launched through
@@ -609,9 +623,12 @@ class SpotMarket:
                 self._interrupt(state, instance, "instance-terminated-no-capacity")
 
     def _enforce_capacity(self, state: _BackendState) -> None:
-        for itype, cap in sorted(self._capacity.items()):
+        limits = [(itype, None, cap) for itype, cap in self._capacity.items()]
+        limits += [(itype, place, cap) for (itype, place), cap in self._pool_capacity.items()]
+        for itype, place, cap in sorted(limits, key=str):
             alive = [i for i in self._running_spot(state)
-                     if i.instance_type == itype and i.id not in state.marked]
+                     if i.instance_type == itype and i.id not in state.marked
+                     and (place is None or _in_place(i, place))]
             for instance in reversed(alive[cap:]):  # the newest go first
                 self._interrupt(state, instance, "instance-terminated-no-capacity")
 
@@ -639,22 +656,35 @@ class SpotMarket:
                     f"Your Spot request price of {request.bid} is lower than the minimum "
                     f"required Spot request fulfillment price of {price}.")
                 continue
-            if not self._has_capacity(state, itype, 1):
+            spec = request.launch_specification
+            if not self._has_capacity(state, itype, 1, spec.subnet_id, spec.availability_zone):
                 if request.status_code != "capacity-not-available":
                     self._event("capacity-not-available", request.id)
                 self._set_status(request, "open", "capacity-not-available")
                 continue
             self._fulfil(state, request)
 
-    def _has_capacity(self, state: _BackendState, itype: str, count: int) -> bool:
-        return self._room(state, itype) >= count
+    def _has_capacity(self, state: _BackendState, itype: str, count: int,
+                      subnet: str | None = None, zone: str | None = None) -> bool:
+        return self._room(state, itype, subnet, zone) >= count
 
-    def _room(self, state: _BackendState, itype: str) -> float:
-        """How many more spot instances of a type fit (inf without a capacity limit)."""
-        cap = self._capacity.get(itype)
-        if cap is None:
-            return math.inf
-        return cap - sum(1 for i in self._running_spot(state) if i.instance_type == itype)
+    def _room(self, state: _BackendState, itype: str, subnet: str | None = None,
+              zone: str | None = None) -> float:
+        """How many more spot instances of a type fit in a subnet and zone (the zone is
+        the subnet's when not given): the least room of the type's cap and the caps of
+        those pools (inf without a capacity limit)."""
+        running = [i for i in self._running_spot(state) if i.instance_type == itype]
+        rooms = [math.inf]
+        if itype in self._capacity:
+            rooms.append(self._capacity[itype] - len(running))
+        if subnet and not zone:
+            with contextlib.suppress(Exception):  # an unknown subnet is moto's error later
+                zone = state.backend.get_subnet(subnet).availability_zone
+        for place in {subnet, zone} - {None, ""}:
+            if (itype, place) in self._pool_capacity:
+                rooms.append(self._pool_capacity[(itype, place)]
+                             - sum(1 for i in running if _in_place(i, place)))
+        return min(rooms)
 
     def _fulfil(self, state: _BackendState, request: ModelledSpotRequest) -> None:
         spec = request.launch_specification
@@ -906,7 +936,8 @@ class SpotMarket:
                 raise _error("SpotMaxPriceTooLow",
                              f"Your Spot request price of {bid} is lower than the minimum "
                              f"required Spot request fulfillment price of {price}.")
-            if not self._has_capacity(state, itype, count):
+            if not self._has_capacity(state, itype, count, params.get("SubnetId"),
+                                      (params.get("Placement") or {}).get("AvailabilityZone")):
                 raise _error("InsufficientInstanceCapacity",
                              f"There is no Spot capacity available that matches your "
                              f"request for {itype}.")
@@ -969,15 +1000,18 @@ class SpotMarket:
             for override in config.get("Overrides") or []:
                 itype = override.get("InstanceType") or "m1.small"
                 bid = float(override["MaxPrice"]) if override.get("MaxPrice") else math.inf
-                room = self._room(state, itype)
+                room = self._room(state, itype, override.get("SubnetId"),
+                                  override.get("AvailabilityZone"))
                 code = ("SpotMaxPriceTooLow" if bid < self.price(itype)
                         else "InsufficientInstanceCapacity" if room <= 0 else None)
                 pool = {"LaunchTemplateAndOverrides": {
                     "LaunchTemplateSpecification": config.get("LaunchTemplateSpecification"),
                     "Overrides": override}, "Lifecycle": "spot"}
                 if code:
-                    errors.append({**pool, "ErrorCode": code,
-                                   "ErrorMessage": f"no spot {itype} at or under the bid"})
+                    errors.append({**pool, "ErrorCode": code, "ErrorMessage": (
+                        f"no spot {itype} at or under the bid" if code == "SpotMaxPriceTooLow"
+                        else f"There is no Spot capacity available that matches your "
+                             f"request for {itype} here.")})
                 else:
                     pools.append((self.price(itype), len(pools), room, config, override, pool))
         answer = {"FleetId": f"fleet-{uuid.uuid4()}", "Instances": [], "Errors": errors}
@@ -1047,6 +1081,11 @@ class SpotMarket:
         if hidden:
             raise self._not_found(hidden)
         return original(resp)
+
+
+def _in_place(instance: Instance, place: str) -> bool:
+    """Whether an instance runs in a place: its subnet id or its zone."""
+    return place in (instance.subnet_id, instance.placement.zone)
 
 
 def _copy_with(obj: Any, **changes: Any) -> Any:
