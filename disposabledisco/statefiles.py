@@ -124,8 +124,12 @@ def read_bytes(path: Path, limit: int = 16 * 1024 * 1024) -> bytes | None:
         fd = open_file(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read(limit)
+    chunks: list[bytes] = []
+    with os.fdopen(fd, "rb") as handle:  # in pieces: read(limit) would allocate all of it
+        while limit > 0 and (chunk := handle.read(min(limit, 64 * 1024))):
+            chunks.append(chunk)
+            limit -= len(chunk)
+    return b"".join(chunks)
 
 
 def _write_temporary(path: Path, data: bytes, mode: int) -> Path:
