@@ -26,14 +26,8 @@ class JoinBook:
     def read(self) -> dict[str, str]:
         """Every record; a missing or damaged book is empty (its slaves join again), while
         a planted link or a file that is not ours is refused by `statefiles`."""
-        raw = statefiles.read_bytes(self.path)
-        try:
-            data = json.loads(raw) if raw is not None else {}
-        except ValueError:
-            return {}
-        if not isinstance(data, dict):
-            return {}
-        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+        book = statefiles.read_json_object(self.path)
+        return {k: v for k, v in book.items() if isinstance(v, str)}
 
     def record(self, records: Mapping[str, str], live: Iterable[str]) -> None:
         """Add these records, durably (the tag call that follows relies on them), and drop
