@@ -129,6 +129,7 @@ class Counted:
                 self.http_seconds += time.perf_counter() - started
 
         session.send = timed
+        self.client = client
         self.gateway = Ec2Gateway(config, client=client)
 
     def reset(self) -> None:
@@ -169,6 +170,16 @@ class _Ok:
     ok, error, log_tail, fault = True, None, (), "node"
 
 
+def mark_converged(config: Any, client: Any) -> reconcile.PassReport:
+    """The node phase without SSH (`Worker`): one pass that leaves the tags and join
+    records a real node phase leaves. EC2 must have nothing left to do."""
+    report = reconcile.run_pass(config, Ec2Gateway(config, client=client),
+                                Worker(HostKeyStore(config.state_dir)))
+    assert not report.failed and not report.plan.ec2_actions, \
+        [r.detail for r in report.results if not r.ok] or report.plan.ec2_actions
+    return report
+
+
 def passes(endpoint: Endpoint, config_path: Path) -> dict[str, Any]:
     """Calls by name of the launch passes, the node-work pass and a converged pass."""
     config = load_config(config_path)
@@ -183,13 +194,11 @@ def passes(endpoint: Endpoint, config_path: Path) -> dict[str, Any]:
         endpoint.tick()
     else:
         raise AssertionError("the launch did not settle in 6 passes")
-    worker = Worker(HostKeyStore(config.state_dir))
     counted.reset()
-    report = reconcile.run_pass(config, counted.gateway, worker)
+    mark_converged(config, counted.client)
     node_work = Counter(counted.calls)
-    assert not report.failed, [r.detail for r in report.results if not r.ok]
     counted.reset()
-    worker.steps = 0
+    worker = Worker(HostKeyStore(config.state_dir))
     report = reconcile.run_pass(config, counted.gateway, worker)
     assert report.converged and worker.steps == 0, [a.describe() for a in report.plan.actions]
     return {"launch": launch, "node_work": node_work, "converged": Counter(counted.calls)}
