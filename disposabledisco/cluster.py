@@ -45,18 +45,36 @@ class Desired:
     open_timeout: timedelta = timedelta(minutes=10)
     join_suffix: str = ""  # changes when what a join installs changes (a local tarball)
     pins: Mapping[str, str] = field(default_factory=dict)  # instance id → host key digest
+    #: instance id → its join record (joins.JoinBook): what its master was last given
+    joins: Mapping[str, str] = field(default_factory=dict)
 
-    def join_tag(self, master_id: str, slave_id: str) -> str:
-        """The `joined` tag of a slave joined to this master with today's inputs.
-
-        It names the slave's pinned host key too: the master's known_hosts is written
-        at join, so a re-pinned slave (its key forgotten and seen anew) must join again.
-        """
-        return join_tag(master_id, self.join_suffix, self.pins.get(slave_id))
+    def joined(self, node: Node, master_id: str) -> bool:
+        """Whether this slave is joined to this master with today's inputs and pin."""
+        return is_joined(node.tags.get(TAG_JOINED), self.joins.get(node.instance_id or ""),
+                         master_id, self.join_suffix, self.pins.get(node.instance_id or ""))
 
 
-def join_tag(master_id: str, suffix: str, pin: str | None) -> str:
-    return f"{master_id}{suffix}#{pin or 'unpinned'}"
+def join_tag(master_id: str, suffix: str) -> str:
+    """The shared `joined` tag value: one CreateTags call tags every slave of a join."""
+    return f"{master_id}{suffix}"
+
+
+def join_record(master_id: str, suffix: str, pin: str | None) -> str:
+    """What one slave's join gave its master: the shared value plus the slave's pinned key
+    (the master's known_hosts is written from it). Kept in STATE_DIR (joins.JoinBook);
+    earlier versions wrote it as each slave's tag value, which is why such tags count."""
+    return f"{join_tag(master_id, suffix)}#{pin or 'unpinned'}"
+
+
+def is_joined(tag: str | None, record: str | None, master_id: str, suffix: str,
+              pin: str | None) -> bool:
+    """A slave is joined when its tag names this master and these inputs and the master was
+    given the key pinned for it now: a re-pinned slave (key forgotten and seen anew) joins
+    again. The key part is the local record, written only after a join worked and before
+    its tag, so a crash between the two never counts a join that did not happen. A tag in
+    the older per-slave form (the record itself) still counts: an upgrade re-joins nobody."""
+    want = join_record(master_id, suffix, pin)
+    return tag == want or (tag == join_tag(master_id, suffix) and record == want)
 
 
 def joined_master(node: Node) -> str | None:
@@ -392,8 +410,7 @@ def _require_join(cluster: Cluster) -> Cluster:
     for node in cluster.nodes:
         if node.role == "slave" and node.state == "ready" and (
                 master_id is None
-                or node.tags.get(TAG_JOINED) != cluster.desired.join_tag(
-                    master_id, node.instance_id)):
+                or not cluster.desired.joined(node, master_id)):
             reason = "waiting to join the master" if master_id else "waiting for the master"
             node = replace(node, state="running", reason=reason)
         nodes.append(node)

@@ -17,7 +17,6 @@ from .cluster import (
     TAG_DISCO_RESTART,
     TAG_FAILURES,
     TAG_HOSTS,
-    TAG_JOINED,
     TAG_UNREACHABLE,
     Cluster,
     Node,
@@ -500,8 +499,7 @@ def _node_work(cluster: Cluster, master: Node | None, leaving: list[Node],
     if master is None or master.state not in ("running", "ready"):
         return actions
     slaves = [n for n in staying if n.role == "slave" and n.state in ("running", "ready")]
-    to_join = [n for n in slaves if n.tags.get(TAG_JOINED) !=
-               cluster.desired.join_tag(master.instance_id, n.instance_id)]
+    to_join = [n for n in slaves if not cluster.desired.joined(n, master.instance_id)]
     if to_join:
         actions.append(Join("slave not yet joined to this master", master.instance_id,
                             _ids(to_join)))

@@ -27,6 +27,8 @@ from .cluster import (
     Desired,
     Node,
     build_cluster,
+    is_joined,
+    join_record,
     join_tag,
     ownership,
 )
@@ -34,6 +36,7 @@ from .config import Config, plural
 from .disco import membership_digest
 from .ec2 import AwsError, Ec2Gateway, NoCapacity
 from .hostkeys import HostKeyStore
+from .joins import JoinBook
 from .plan import (
     Action,
     ApplyMembership,
@@ -137,8 +140,8 @@ class PassReport:
 
 
 def desired_state(config: Config, instance_ids: Iterable[str] = ()) -> Desired:
-    """What 'done' means this pass; reads a local DISCO_TARBALL or DISCO_SOURCE and the
-    pinned host keys."""
+    """What 'done' means this pass; reads a local DISCO_TARBALL or DISCO_SOURCE, the
+    pinned host keys and the join records."""
     suffix = ""
     if bootstrap.local_tarball(config) is not None:
         suffix = "@" + bootstrap.tarball_sha256(config)[:16]
@@ -147,7 +150,8 @@ def desired_state(config: Config, instance_ids: Iterable[str] = ()) -> Desired:
     return Desired(bootstrap={role: bootstrap.digest(config, role) for role in
                               ("master", "slave")},
                    open_timeout=timedelta(minutes=config["SPOT_OPEN_TIMEOUT_MINUTES"]),
-                   join_suffix=suffix, pins=pin_digests(config, instance_ids))
+                   join_suffix=suffix, pins=pin_digests(config, instance_ids),
+                   joins=JoinBook(config.state_dir).read())
 
 
 def pin_digests(config: Config, instance_ids: Iterable[str]) -> dict[str, str]:
@@ -252,6 +256,7 @@ class _Applier:
         self.bootstrapped = {i for i, n in self.by_id.items()
                              if n.tags.get(TAG_BOOTSTRAP) == desired.get(n.role)}
         self.joined = {i: n.tags.get(TAG_JOINED) for i, n in self.by_id.items()}
+        self.join_records = dict(cluster.desired.joins)
         self.settings_changed: set[str] = set()
         self.digests = desired
         self.join_suffix = cluster.desired.join_suffix
@@ -343,16 +348,28 @@ class _Applier:
             return self._node_result(action, failed, f"master {action.master_id}: {error}")
         self._record_failures(outcomes)
         done = [i for i, o in outcomes.items() if o.ok]
-        for instance_id in done:  # each value names the slave's own pinned key
-            value = self._join_tag(action.master_id, instance_id)
-            self.ec2.tag([instance_id], {TAG_JOINED: value})
-            self.joined[instance_id] = value
+        if done:
+            self._record_joins(action.master_id, done)
         return self._node_result(action, outcomes)
 
-    def _join_tag(self, master_id: str, slave_id: str) -> str:
-        """The join tag with the pin as it is now (this pass may just have pinned it)."""
-        pins = pin_digests(self.config, [slave_id])
-        return join_tag(master_id, self.join_suffix, pins.get(slave_id))
+    def _record_joins(self, master_id: str, done: list[str]) -> None:
+        """Each slave's pinned key goes to the join book first, then one shared tag value
+        to every slave that lacks it: one CreateTags call however many joined."""
+        pins = pin_digests(self.config, done)  # as they are now: this pass may have pinned
+        records = {i: join_record(master_id, self.join_suffix, pins.get(i)) for i in done}
+        JoinBook(self.config.state_dir).record(records, self.by_id)
+        self.join_records.update(records)
+        value = join_tag(master_id, self.join_suffix)
+        untagged = [i for i in done if self.joined.get(i) != value]
+        if untagged:
+            self.ec2.tag(untagged, {TAG_JOINED: value})
+        self.joined.update(dict.fromkeys(done, value))
+
+    def _is_joined(self, master_id: str, slave_id: str) -> bool:
+        """Joined, with the pin as it is now (this pass may just have pinned it)."""
+        pin = pin_digests(self.config, [slave_id]).get(slave_id)
+        return is_joined(self.joined.get(slave_id), self.join_records.get(slave_id),
+                         master_id, self.join_suffix, pin)
 
     def _record_failures(self, outcomes: dict[str, NodeOutcome]) -> None:
         """Count failures in tags, so a node that never works is replaced after a while.
@@ -362,7 +379,8 @@ class _Applier:
         man in the middle: the node and its evidence stay until the operator acts) and
         for the config's faults (a fresh node would fail the same, so replacing burns
         nodes). Those fail the pass (exit 1) every time instead. A node that works again
-        loses both tags, so an old failure never counts against it later.
+        loses both tags, so an old failure never counts against it later. Nodes given the
+        same values share one CreateTags call (those failing for the first time all do).
         """
         recovered = [i for i, o in outcomes.items() if o.ok and (
             {TAG_FAILURES, TAG_UNREACHABLE} & set(self.by_id[i].tags))]
@@ -373,6 +391,7 @@ class _Applier:
                 self.by_id[instance_id] = replace(node, tags={
                     k: v for k, v in node.tags.items()
                     if k not in (TAG_FAILURES, TAG_UNREACHABLE)})
+        counted: dict[str, dict[str, str]] = {}
         for instance_id, outcome in outcomes.items():
             if outcome.ok or getattr(outcome, "fault", "node") != "node":
                 continue
@@ -382,9 +401,12 @@ class _Applier:
             except ValueError:
                 failures = 1
             since = node.tags.get(TAG_UNREACHABLE) or self.now.isoformat()
-            tags = {TAG_FAILURES: str(failures), TAG_UNREACHABLE: since}
-            self.ec2.tag([instance_id], tags)
-            self.by_id[instance_id] = replace(node, tags={**node.tags, **tags})
+            counted[instance_id] = {TAG_FAILURES: str(failures), TAG_UNREACHABLE: since}
+        for ids, tags in shared_values(counted):
+            self.ec2.tag(ids, tags)
+            for instance_id in ids:
+                node = self.by_id[instance_id]
+                self.by_id[instance_id] = replace(node, tags={**node.tags, **tags})
 
     def _node_result(self, action: Action, outcomes: dict[str, Any],
                      detail: str = "") -> ActionResult:
@@ -425,7 +447,7 @@ class _Applier:
         else:
             slaves = [self.by_id[i] for i in action.member_ids if i != action.master_id
                       and i in self.bootstrapped
-                      and self.joined.get(i) == self._join_tag(action.master_id, i)]
+                      and self._is_joined(action.master_id, i)]
         digest = membership_digest(master, slaves, multipliers(self.config))
         # A master whose bootstrap in this pass wrote new settings (replica counts, ...)
         # has a running Disco that has not read them, and one whose restart waited for a
@@ -462,6 +484,14 @@ class _Applier:
             self.ec2.untag([master.instance_id], [TAG_DISCO_RESTART])
             self.by_id[master.instance_id] = replace(master, tags={
                 k: v for k, v in master.tags.items() if k != TAG_DISCO_RESTART})
+
+
+def shared_values(tags_by_id: dict[str, dict[str, str]]) -> list[tuple[list[str], dict[str, str]]]:
+    """Instances grouped by identical tags, in first-seen order: one CreateTags per group."""
+    groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    for instance_id, tags in tags_by_id.items():
+        groups.setdefault(tuple(sorted(tags.items())), []).append(instance_id)
+    return [(ids, dict(key)) for key, ids in groups.items()]
 
 
 def forget_command(config: Config, instance_id: str) -> str:

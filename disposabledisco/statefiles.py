@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import shlex
 import stat
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError
 
-__all__ = ["StateFileError", "check_dir", "ensure_dir", "open_file", "read_bytes", "remove",
-           "write_atomic", "write_new"]
+__all__ = ["StateFileError", "check_dir", "ensure_dir", "open_file", "read_bytes",
+           "read_json_object", "remove", "write_atomic", "write_new"]
 
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -124,8 +126,23 @@ def read_bytes(path: Path, limit: int = 16 * 1024 * 1024) -> bytes | None:
         fd = open_file(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read(limit)
+    chunks: list[bytes] = []
+    with os.fdopen(fd, "rb") as handle:  # in pieces: read(limit) would allocate all of it
+        while limit > 0 and (chunk := handle.read(min(limit, 64 * 1024))):
+            chunks.append(chunk)
+            limit -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object a state file holds; {} when it is missing or damaged (a book the
+    tool can rebuild), while a planted link or a file that is not ours is refused."""
+    raw = read_bytes(path)
+    try:
+        data = json.loads(raw) if raw is not None else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _write_temporary(path: Path, data: bytes, mode: int) -> Path:

@@ -41,14 +41,8 @@ class TokenBook:
         """The book, or an empty one if it is missing or damaged (a planted link or a file
         that is not ours is refused by `statefiles`, not treated as damage)."""
         statefiles.ensure_dir(self.path.parent)
-        raw = statefiles.read_bytes(self.path)
-        try:
-            data = json.loads(raw) if raw is not None else {}
-        except ValueError:
-            return {}
-        if not isinstance(data, dict):
-            return {}
-        return {k: v for k, v in data.items() if _is_record(v)}
+        book = statefiles.read_json_object(self.path)
+        return {k: v for k, v in book.items() if _is_record(v)}
 
     def _save(self, records: dict[str, dict[str, str]]) -> None:
         """Atomically and durably: the create call that follows relies on it."""

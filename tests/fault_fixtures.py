@@ -360,7 +360,8 @@ class Case:
         master = next(n for n in nodes.values() if n.role == "master")
         joined = {i["InstanceId"]: {t["Key"]: t["Value"] for t in i.get("Tags", [])}.get(
             TAG_JOINED) for i in live if self.role(i) == "slave"}
-        # the tag is "<master id><join suffix>#<pinned host key>": joined to *this* master
+        # the tag is "<master id><join suffix>" (before ae8163b: + "#<pinned key digest>"):
+        # joined to *this* master
         assert all((v or "").split("#", 1)[0].startswith(master.instance_id)
                    for v in joined.values()), \
             f"slaves joined to {joined}, the master is {master.instance_id}"

@@ -19,6 +19,8 @@ from disposabledisco.cluster import (
     Desired,
     Node,
     build_cluster,
+    is_joined,
+    join_record,
     join_tag,
     keep_order,
     ssh_address,
@@ -333,10 +335,16 @@ def test_empty_dns_names_are_none():
 # -- joining the kept master -----------------------------------------------------------------
 
 def slave_joined_to(master_id: str | None, **kwargs) -> dict:
-    joined = join_tag(master_id, kwargs.pop("suffix", ""), kwargs.pop("pin", None)) \
+    """A bootstrapped slave tagged in the per-slave form earlier versions wrote."""
+    joined = join_record(master_id, kwargs.pop("suffix", ""), kwargs.pop("pin", None)) \
         if master_id else None
     return instance(kwargs.pop("iid", "i-s"), bootstrap=DIGESTS["slave"], joined=joined,
                     **kwargs)
+
+
+def slave_tagged(value: str) -> dict:
+    """A bootstrapped slave with this `joined` tag (the shared form: master + suffix)."""
+    return instance("i-s", bootstrap=DIGESTS["slave"], joined=value)
 
 
 @pytest.mark.parametrize(("master", "slave", "desired", "expected"), [
@@ -356,6 +364,14 @@ def slave_joined_to(master_id: str | None, **kwargs) -> dict:
      ("running", "waiting to join the master")),  # re-pinned: its key must reach the master
     ("ready", slave_joined_to("i-m", pin="k1"), Desired(DIGESTS, pins={"i-s": "k2"}),
      ("running", "waiting to join the master")),
+    ("ready", slave_tagged("i-m"), Desired(DIGESTS, pins={"i-s": "k1"},
+                                           joins={"i-s": "i-m#k1"}), ("ready", "bootstrapped")),
+    ("ready", slave_tagged("i-m"), Desired(DIGESTS, pins={"i-s": "k2"},
+                                           joins={"i-s": "i-m#k1"}),
+     ("running", "waiting to join the master")),  # the record names the key it replaced
+    ("ready", slave_tagged("i-m"), Desired(DIGESTS, pins={"i-s": "k1"},
+                                           joins={"i-x": "i-m#k1"}),
+     ("running", "waiting to join the master")),  # another slave's record proves nothing
 ])
 def test_a_bootstrapped_slave_is_ready_only_when_joined_to_the_kept_ready_master(
         master, slave, desired, expected):
@@ -371,10 +387,51 @@ def test_a_bootstrapped_slave_is_ready_only_when_joined_to_the_kept_ready_master
         assert cluster.master.state == master
 
 
+@pytest.mark.parametrize(("tag", "record", "suffix", "pin", "joined"), [
+    # the shared tag counts with this slave's record of this master, inputs and key
+    ("i-m", "i-m#k1", "", "k1", True),
+    ("i-m@t2", "i-m@t2#k1", "@t2", "k1", True),
+    ("i-m", "i-m#unpinned", "", None, True),
+    # ...and not without it: a lost STATE_DIR, a tag of the version before pins joined
+    ("i-m", None, "", "k1", False),
+    ("i-m", "i-m", "", "k1", False),
+    # re-pinned (key forgotten and seen anew), or the pin forgotten and not seen yet
+    ("i-m", "i-m#k1", "", "k2", False),
+    ("i-m", "i-m#k1", "", None, False),
+    # the master changed: joined to the new one, crashed before the tag (or the reverse)
+    ("i-old", "i-m#k1", "", "k1", False),
+    ("i-m", "i-old#k1", "", "k1", False),
+    # what a join installs changed
+    ("i-m@t1", "i-m@t2#k1", "@t2", "k1", False),
+    ("i-m@t1", "i-m@t1#k1", "@t2", "k1", False),
+    # never tagged: the join worked, the pass stopped before its CreateTags
+    (None, "i-m#k1", "", "k1", False),
+    # the per-slave tags earlier versions wrote still count on their own (no mass re-join
+    # on upgrade), under the same rules
+    ("i-m#k1", None, "", "k1", True),
+    ("i-m#unpinned", None, "", None, True),
+    ("i-m#k1", None, "", "k2", False),
+    ("i-old#k1", None, "", "k1", False),
+    ("i-m@t1#k1", None, "@t2", "k1", False),
+    ("i-m#k1", "i-m#k2", "", "k2", False),  # re-joined under k2, its shared tag not written
+])
+def test_joined_needs_tag_and_record_of_this_master_inputs_and_pin(tag, record, suffix, pin,
+                                                                    joined):
+    assert is_joined(tag, record, "i-m", suffix, pin) is joined
+
+
+@pytest.mark.parametrize(("master", "suffix", "pin"), [
+    ("i-m", "", "k1"), ("i-m", "", None), ("i-0abc", "@0123456789abcdef", "0a1b2c3d4e5f")])
+def test_the_shared_tag_is_the_same_for_every_slave_and_never_a_record(master, suffix, pin):
+    shared = join_tag(master, suffix)
+    assert shared == f"{master}{suffix}" and "#" not in shared
+    assert join_record(master, suffix, pin) == f"{shared}#{pin or 'unpinned'}"
+
+
 def test_join_rule_leaves_masters_and_unbootstrapped_slaves_alone():
     cluster = build(instances=[instance("i-m", role="master", group="master",
                                         bootstrap=DIGESTS["master"]),
-                               instance("i-s", joined=join_tag("i-m", "", None))])
+                               instance("i-s", joined=join_record("i-m", "", None))])
     assert [state(n) for n in cluster.nodes] == [("ready", "bootstrapped"),
                                                  ("running", "waiting for bootstrap")]
 

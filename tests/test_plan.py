@@ -22,6 +22,7 @@ from disposabledisco.cluster import (
     Cluster,
     Desired,
     Node,
+    join_record,
     join_tag,
     joined_master,
 )
@@ -81,8 +82,8 @@ def node(role="slave", state="ready", *, group=None, minutes_old=60, request="au
 
 def converged(cfg, slaves: list[Node], master: Node | None = None) -> Cluster:
     master = master or node("master")
-    slaves = [replace(s, tags={**s.tags, TAG_JOINED: join_tag(master.instance_id, "", None)})
-              for s in slaves]
+    joined = join_record(master.instance_id, "", None)  # the per-slave form: counts alone
+    slaves = [replace(s, tags={**s.tags, TAG_JOINED: joined}) for s in slaves]
     ready = [s for s in slaves if s.state == "ready"]
     master = replace(master, tags={**master.tags, TAG_HOSTS: membership_digest(
         master, ready, multipliers(cfg))})
@@ -314,7 +315,7 @@ def test_membership_change_is_planned_when_a_ready_slave_is_missing_from_the_tab
     cfg = config(NUM_SLAVES=2)
     cluster = converged(cfg, [node()])
     extra = replace(node(), tags={**node().tags,
-                                  TAG_JOINED: join_tag(cluster.master.instance_id, "", None)})
+                                  TAG_JOINED: join_record(cluster.master.instance_id, "", None)})
     p = plan(cfg, Cluster((*cluster.nodes, extra)), NOW)
     assert isinstance(p.actions[-1], ApplyMembership)
     assert extra.instance_id in p.actions[-1].member_ids
@@ -405,6 +406,19 @@ def test_a_re_pinned_slave_joins_again():
     slave = next(n for n in cluster.nodes if n.role == "slave")
     re_pinned = Cluster(cluster.nodes, Desired(pins={slave.instance_id: "newkeydigest"}))
     assert only(plan(cfg, re_pinned, NOW), Join).slave_ids == (slave.instance_id,)
+
+
+def test_slaves_sharing_one_join_tag_are_told_apart_by_their_join_records():
+    cfg = config(NUM_SLAVES=3)
+    cluster = converged(cfg, [node(), node(), node()])
+    master = cluster.master.instance_id
+    kept, re_pinned, unrecorded = (n.instance_id for n in cluster.nodes if n.role == "slave")
+    shared = tuple(replace(n, tags={**n.tags, TAG_JOINED: join_tag(master, "")})
+                   if n.role == "slave" else n for n in cluster.nodes)
+    desired = Desired(pins={kept: "k1", re_pinned: "k2", unrecorded: "k3"},
+                      joins={kept: f"{master}#k1", re_pinned: f"{master}#k0"})
+    assert only(plan(cfg, Cluster(shared, desired), NOW), Join).slave_ids == (
+        re_pinned, unrecorded)
 
 
 def test_master_that_never_answers_is_replaced_and_slaves_kept():

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import re
+import struct
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -27,11 +28,13 @@ from disposabledisco.cluster import (
     TAG_HOSTS,
     TAG_JOINED,
     TAG_UNREACHABLE,
+    join_record,
     join_tag,
 )
 from disposabledisco.config import parse_config
 from disposabledisco.ec2 import AwsError, Launched, Observation
 from disposabledisco.hostkeys import HostKey, HostKeyStore
+from disposabledisco.joins import JoinBook
 from disposabledisco.plan import ApplyMembership, Bootstrap, CancelRequests, Join, Launch
 from disposabledisco.ssh import SshError
 from disposabledisco.tokens import TokenBook
@@ -210,7 +213,9 @@ def test_from_nothing_to_converged_with_exit_codes_10_then_0(tmp_path):
     assert {n.state for n in third.cluster.nodes} == {"ready"}
     master = next(n for n in third.cluster.nodes if n.role == "master")
     slave = next(n for n in third.cluster.nodes if n.role == "slave")
-    assert slave.tags[TAG_JOINED] == join_tag(master.instance_id, "", None)
+    assert slave.tags[TAG_JOINED] == join_tag(master.instance_id, "")
+    assert JoinBook(cfg.state_dir).read() == {
+        slave.instance_id: join_record(master.instance_id, "", None)}
     assert master.tags[TAG_BOOTSTRAP] == reconcile.desired_state(cfg).bootstrap["master"]
 
 
@@ -432,7 +437,8 @@ def test_join_skips_slaves_whose_bootstrap_failed(tmp_path):
     assert worker.calls[1] == ("join", (master, good))
     assert worker.calls[2] == ("membership", (master, good))
     assert TAG_JOINED not in ec2.tags_of(bad)
-    assert ec2.tags_of(good)[TAG_JOINED] == join_tag(master, "", None)
+    assert ec2.tags_of(good)[TAG_JOINED] == join_tag(master, "")
+    assert set(JoinBook(cfg.state_dir).read()) == {good}
     assert TAG_BOOTSTRAP not in ec2.tags_of(bad)
 
 
@@ -637,7 +643,7 @@ def test_the_host_table_written_for_a_removal_is_not_written_twice(tmp_path):
 
 # -- pinned host keys and the local tarball shape what 'joined' means -------------------------
 
-def test_a_pinned_slave_is_joined_under_its_key_digest_and_stays_converged(tmp_path):
+def test_a_pinned_slave_is_recorded_under_its_key_digest_and_stays_converged(tmp_path):
     cfg, ec2, worker = config(tmp_path), FakeEc2(), FakeWorker()
     run(cfg, ec2, worker)
     slave = next(r["InstanceId"] for r in ec2.requests.values()
@@ -649,7 +655,8 @@ def test_a_pinned_slave_is_joined_under_its_key_digest_and_stays_converged(tmp_p
     assert reconcile.desired_state(cfg, [slave, "i-none"]).pins == {slave: digest}
     run(cfg, ec2, worker)
     master = next(i for i in ec2.instances if ec2.tags_of(i).get(TAG) == "master")
-    assert ec2.tags_of(slave)[TAG_JOINED] == f"{master}#{digest}"
+    assert ec2.tags_of(slave)[TAG_JOINED] == master
+    assert JoinBook(cfg.state_dir).read() == {slave: f"{master}#{digest}"}
     assert run(cfg, ec2, worker).exit_code == reconcile.EXIT_CONVERGED
 
 
@@ -690,3 +697,147 @@ def test_join_results_are_for_the_join_with_and_without_ssh(tmp_path):
         report = run(cfg, ec2, worker)
         join = next(a for a in report.plan.actions if isinstance(a, Join))
         assert result_of(report, Join).action is join
+
+
+# -- tag calls per pass do not grow with the number of nodes ---------------------------------
+
+def host_key(n: int) -> HostKey:
+    """A distinct ed25519 public key per n (only its bytes matter here)."""
+    return HostKey.from_blob(struct.pack(">I", 11) + b"ssh-ed25519" + struct.pack(">I", 32)
+                             + n.to_bytes(32, "big"))
+
+
+def bootstrapped(cfg, ec2, slaves: int) -> tuple[str, list[str]]:
+    """A bootstrapped master and `slaves` bootstrapped, pinned, never joined slaves."""
+    digests = reconcile.desired_state(cfg).bootstrap
+    master = ec2.add_instance("master", **{TAG_BOOTSTRAP: digests["master"]})
+    ids = [ec2.add_instance("slave", **{TAG_BOOTSTRAP: digests["slave"]})
+           for _ in range(slaves)]
+    store = HostKeyStore(cfg.state_dir)
+    for n, iid in enumerate([master, *ids]):
+        store.pin(iid, host_key(n))
+    return master, ids
+
+
+def tag_writes(ec2, key: str) -> list[tuple]:
+    return [w for w in ec2.writes if w[0] == "tag" and key in w[2]]
+
+
+@pytest.mark.parametrize("slaves", [1, 20])
+def test_joining_k_slaves_costs_one_join_tag_call_and_a_converged_pass_none(tmp_path, slaves):
+    cfg, ec2, worker = config(tmp_path, NUM_SLAVES=slaves), FakeEc2(), FakeWorker()
+    master, ids = bootstrapped(cfg, ec2, slaves)
+    assert run(cfg, ec2, worker).exit_code == reconcile.EXIT_PROGRESSING
+    assert worker.kinds() == ["join", "membership"]
+    assert tag_writes(ec2, TAG_JOINED) == [("tag", tuple(ids), {TAG_JOINED: master})]
+    assert [w[2].keys() for w in ec2.writes] == [{TAG_JOINED}, {TAG_HOSTS}]  # K=1 or K=20
+    pins = reconcile.pin_digests(cfg, ids)
+    assert JoinBook(cfg.state_dir).read() == {i: f"{master}#{pins[i]}" for i in ids}
+    ec2.writes.clear()
+    worker.calls.clear()
+    assert run(cfg, ec2, worker).exit_code == reconcile.EXIT_CONVERGED
+    assert (ec2.writes, worker.calls) == ([], [])
+
+
+def test_a_re_pinned_slave_joins_again_without_a_tag_call_then_converges(tmp_path):
+    cfg, ec2, worker = config(tmp_path, NUM_SLAVES=3), FakeEc2(), FakeWorker()
+    master, ids = bootstrapped(cfg, ec2, 3)
+    run(cfg, ec2, worker)
+    store = HostKeyStore(cfg.state_dir)
+    store.forget(ids[1])  # the operator forgot its key; the next contact pins another one
+    store.pin(ids[1], host_key(99))
+    ec2.writes.clear()
+    worker.calls.clear()
+    report = run(cfg, ec2, worker)
+    assert worker.calls[0] == ("join", (master, ids[1]))
+    assert result_of(report, Join).ok
+    assert tag_writes(ec2, TAG_JOINED) == []  # its tag already names this master
+    digest = reconcile.pin_digests(cfg, [ids[1]])[ids[1]]
+    assert JoinBook(cfg.state_dir).read()[ids[1]] == f"{master}#{digest}"
+    ec2.writes.clear()
+    worker.calls.clear()
+    assert run(cfg, ec2, worker).exit_code == reconcile.EXIT_CONVERGED
+    assert (ec2.writes, worker.calls) == ([], [])
+
+
+class TagFailsEc2(FakeEc2):
+    """Stops at the join tag (as a crash or a refused call would), after noting what the
+    join book held at that moment."""
+
+    def __init__(self, book: JoinBook) -> None:
+        super().__init__()
+        self.book = book
+        self.fail_join_tag = True
+        self.book_at_tag: dict[str, str] | None = None
+
+    def tag(self, instance_ids, tags):
+        if TAG_JOINED in tags:
+            self.book_at_tag = self.book.read()
+            if self.fail_join_tag:
+                raise AwsError("RequestLimitExceeded", "stopped before the join tag")
+        super().tag(instance_ids, tags)
+
+
+def test_the_join_record_is_written_before_the_tag_and_alone_never_counts(tmp_path):
+    cfg = config(tmp_path, NUM_SLAVES=2)
+    ec2, worker = TagFailsEc2(JoinBook(cfg.state_dir)), FakeWorker()
+    master, ids = bootstrapped(cfg, ec2, 2)
+    report = run(cfg, ec2, worker)
+    assert not result_of(report, Join).ok
+    assert set(ec2.book_at_tag) == set(ids)  # recorded before the tag call
+    assert not any(TAG_JOINED in ec2.tags_of(i) for i in ids)
+    worker.calls.clear()
+    ec2.fail_join_tag = False
+    report = run(cfg, ec2, worker)  # recorded but untagged: not joined, so joined again
+    assert worker.calls[0] == ("join", (master, *ids))
+    assert all(ec2.tags_of(i)[TAG_JOINED] == master for i in ids)
+    assert run(cfg, ec2, worker).exit_code == reconcile.EXIT_CONVERGED
+
+
+def test_slaves_tagged_by_the_previous_version_are_not_joined_again(tmp_path):
+    """Before the shared tag, each slave's tag was its own join record: still converged."""
+    cfg, ec2, worker = config(tmp_path, NUM_SLAVES=3), FakeEc2(), FakeWorker()
+    master, ids = bootstrapped(cfg, ec2, 3)
+    run(cfg, ec2, worker)
+    for iid, record in JoinBook(cfg.state_dir).read().items():
+        ec2.tag([iid], {TAG_JOINED: record})
+    JoinBook(cfg.state_dir).path.unlink()
+    ec2.writes.clear()
+    worker.calls.clear()
+    assert run(cfg, ec2, worker).exit_code == reconcile.EXIT_CONVERGED
+    assert (ec2.writes, worker.calls) == ([], [])
+
+
+@pytest.mark.parametrize("slaves", [1, 20])
+def test_k_first_failures_in_one_step_cost_one_tag_call(tmp_path, slaves):
+    cfg, ec2 = config(tmp_path, NUM_SLAVES=slaves), FakeEc2()
+    master = ec2.add_instance("master")
+    ids = [ec2.add_instance("slave") for _ in range(slaves)]
+    run(cfg, ec2, FakeWorker(failing=set(ids)))
+    assert failure_tags(ec2) == [("tag", tuple(ids), {TAG_FAILURES: "1",
+                                                      TAG_UNREACHABLE: NOW.isoformat()})]
+    assert TAG_FAILURES not in ec2.tags_of(master)
+
+
+def test_failures_with_different_histories_cost_one_tag_call_per_history(tmp_path):
+    cfg, ec2 = config(tmp_path, NUM_SLAVES=4), FakeEc2()
+    ec2.add_instance("master")
+    since = (NOW - timedelta(minutes=3)).isoformat()
+    old = [ec2.add_instance("slave", **{TAG_FAILURES: "1", TAG_UNREACHABLE: since})
+           for _ in range(2)]
+    new = [ec2.add_instance("slave") for _ in range(2)]
+    run(cfg, ec2, FakeWorker(failing={*old, *new}))
+    assert failure_tags(ec2) == [
+        ("tag", tuple(old), {TAG_FAILURES: "2", TAG_UNREACHABLE: since}),
+        ("tag", tuple(new), {TAG_FAILURES: "1", TAG_UNREACHABLE: NOW.isoformat()})]
+
+
+def test_the_join_book_keeps_live_instances_only_and_survives_damage(tmp_path):
+    book = JoinBook(tmp_path)
+    assert book.read() == {}
+    book.record({"i-a": "i-m#k1", "i-b": "i-m#k2"}, live=[])
+    book.record({"i-c": "i-m#k3"}, live=["i-a"])  # i-b was terminated meanwhile
+    assert book.read() == {"i-a": "i-m#k1", "i-c": "i-m#k3"}
+    for damage in ("not json", "[1, 2]", '{"i-a": 7}'):
+        book.path.write_text(damage)
+        assert book.read() == {}

@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+import tracemalloc
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from disposabledisco import statefiles
 from disposabledisco.cli import main
 from disposabledisco.config import load_config, parse_config
 from disposabledisco.hostkeys import HostKey, HostKeyStore
+from disposabledisco.joins import JoinBook
 from disposabledisco.lock import LockHeld, cluster_lock
 from disposabledisco.statefiles import StateFileError
 from disposabledisco.tokens import TokenBook
@@ -234,6 +236,33 @@ def test_planted_token_book_links_and_fifos_are_refused(tmp_path, shared):
     os.mkfifo(state / "tokens.json")
     with pytest.raises(StateFileError, match="tokens.json is not a regular file"):
         TokenBook(state).token_for("k" * 40, NOW)  # and does not wait for a writer
+
+
+@pytest.mark.parametrize("size", [0, 10, 64 * 1024 + 3, 300_000])
+def test_a_state_file_is_read_up_to_its_limit_without_allocating_the_limit(tmp_path, size):
+    """Every pass reads the join book: a 16 MiB limit must not cost 16 MiB each time."""
+    path = statefiles.ensure_dir(tmp_path / "cluster") / "book.json"
+    data = (bytes(range(256)) * (size // 256 + 1))[:size]
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        got = statefiles.read_bytes(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got == data and peak < 3 * size + 256 * 1024
+    assert statefiles.read_bytes(path, limit=70_000) == data[:70_000]
+
+
+def test_a_planted_join_book_link_is_refused_not_followed(tmp_path, shared):
+    folder, victim = shared
+    state = statefiles.ensure_dir(folder / "cluster")
+    (state / "joins.json").symlink_to(victim)
+    with pytest.raises(StateFileError, match="joins.json is a symbolic link"):
+        JoinBook(state).read()
+    with pytest.raises(StateFileError, match="joins.json is a symbolic link"):
+        JoinBook(state).record({"i-a": "i-m#k1"}, live=["i-a"])
+    assert untouched(victim)
 
 
 def test_old_fixed_temporary_names_are_not_written_through(tmp_path, shared):
