@@ -600,9 +600,11 @@ def test_a_master_whose_disco_restart_waits_for_a_job_gets_the_step_again():
 
 
 def test_joined_master_reads_the_master_from_any_join_tag():
-    assert joined_master(node(tags={TAG_JOINED: join_tag("i-0abc", "@0123", "f00d")})) == \
+    """Today's shared value and the older per-slave form (the join record) both name it."""
+    assert joined_master(node(tags={TAG_JOINED: join_tag("i-0abc", "@0123")})) == "i-0abc"
+    assert joined_master(node(tags={TAG_JOINED: join_record("i-0abc", "@0123", "f00d")})) == \
         "i-0abc"
-    assert joined_master(node(tags={TAG_JOINED: join_tag("i-0abc", "", None)})) == "i-0abc"
+    assert joined_master(node(tags={TAG_JOINED: join_record("i-0abc", "", None)})) == "i-0abc"
     assert joined_master(node(tags={})) is None
 
 
