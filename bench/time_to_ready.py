@@ -60,6 +60,7 @@ from disposabledisco.sandbox.nodes import (  # noqa: E402
     loopback_ends,
 )
 from disposabledisco.sandbox.run import SandboxOptions, sandbox_config  # noqa: E402
+from tests.e2e_fixtures import terminate_cluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NETWORK = "127.44.0.0/16"
@@ -252,15 +253,7 @@ def measure(endpoint: LocalEc2, farm: NodeFarm, workdir: Path, key_file: Path, p
 
 def teardown(client: Any, farm: NodeFarm, tag_key: str) -> None:
     """Cancel the run's requests, terminate its instances, stop every node."""
-    requests = client.describe_spot_instance_requests(
-        Filters=[{"Name": "tag-key", "Values": [tag_key]}])["SpotInstanceRequests"]
-    open_ids = [r["SpotInstanceRequestId"] for r in requests
-                if r["State"] in ("open", "active")]
-    if open_ids:
-        client.cancel_spot_instance_requests(SpotInstanceRequestIds=open_ids)
-    ids = [r["InstanceId"] for r in requests if r.get("InstanceId")]
-    if ids:
-        client.terminate_instances(InstanceIds=ids)
+    terminate_cluster(client, tag_key)
     farm.stop_all()
 
 
