@@ -8,12 +8,12 @@ first bootstrap, and a fresh STATE_DIR (nothing pinned yet). The config is the s
 ``DISCO_INSTALL: "none"`` and packages already present in the nodes' lower layer, so the
 time is the tool's own work (SSH, scripts, user, keys, settings) rather than apt.
 
-For each size it runs SSH_CONCURRENCY 1 (the same nodes one after another), 16 (the
-default) and 32, ``--repeat`` times each, and prints a Markdown table of median wall
-times, the speedup over concurrency 1, t(N)/t(1) at the same concurrency, the SSH
-sessions opened, the CPU time of this (client) process, and how busy the machine's CPUs
-were meanwhile. ``--wait S`` adds ``sleep S`` as POST_INIT to every node, to model a
-bootstrap that mostly waits (apt downloads on real EC2) instead of computing.
+For each size it runs SSH_CONCURRENCY 1 (the same nodes one after another), 16 and 32
+(waves, as the defaults before 1024 made them), ``--repeat`` times each, and prints a
+Markdown table of median wall times, the speedup over concurrency 1, t(N)/t(1) at the
+same concurrency, the SSH sessions opened, the CPU time of this (client) process, and
+how busy the machine's CPUs were meanwhile. ``--wait S`` adds ``sleep S`` as POST_INIT to
+every node, to model a bootstrap that mostly waits (apt downloads on real EC2) instead of computing.
 
     sudo python bench/bootstrap_time.py [--sizes 1 10 30] [--concurrency 1 16 32]
                                         [--repeat 3] [--wait 0]

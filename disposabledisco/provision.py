@@ -22,6 +22,7 @@ from . import bootstrap, disco
 from .cluster import Node, ssh_address
 from .hostkeys import HostKeyStore, HostKeyVerifier, known_hosts_line
 from .ssh import (
+    GivenUp,
     Outcome,
     Session,
     SshError,
@@ -70,6 +71,11 @@ class Provisioner:
         self.config = config
         self.ssh = ssh_gateway
         self.vcpus = vcpus
+
+    def begin_pass(self) -> None:
+        """Called at the start of each pass: nodes given up in the last one are tried
+        again; within a pass, a node that stopped answering is tried once (ssh.GivenUp)."""
+        self.ssh.begin_pass()
 
     # -- bootstrap -------------------------------------------------------------------
 
@@ -195,27 +201,29 @@ class Provisioner:
             table = AppliedTable(self.host_table(master, everyone))
         except (KeyError, ValueError) as error:
             return _failed(f"host table: {error}")
-        errors: list[tuple[str, str]] = []
+        errors: list[tuple[str, str, bool]] = []  # (error, fault, given up before)
         manage_hosts = self.config["MANAGE_HOSTS_FILE"]
         if manage_hosts:
             others = [n for n in everyone if n.instance_id != master.instance_id]
             results = self._parallel(others, lambda s: _write_hosts(s, everyone))
-            errors += [(o.error, o.fault) for o in results.values() if not o.ok]
+            errors += [(o.error, o.fault, o.given_up) for o in results.values() if not o.ok]
         try:
             with self.ssh.connect(self._target(master)) as session:
                 if manage_hosts:
                     _write_hosts(session, everyone)
                 said = self._apply_table(session, master, table, drain)
         except SshError as error:
-            errors.append((str(error), fault_of(error)))
+            errors.append((str(error), fault_of(error), isinstance(error, GivenUp)))
         else:
             table.note = "; ".join(line for line in said if line.startswith(DISCO_NOTES))
             table.restart_pending = any(line.startswith(RESTART_PENDING) for line in said)
         seconds = time.monotonic() - started
         if errors:
-            return Outcome(ok=False, error="; ".join(e for e, _ in errors), seconds=seconds,
-                           log_tail=tuple(self.ssh.tail(master.instance_id)),
-                           fault=_blame(fault for _, fault in errors))
+            given_up = all(g for _, _, g in errors)  # all reported earlier in this pass
+            return Outcome(ok=False, error="; ".join(e for e, _, _ in errors),
+                           seconds=seconds, given_up=given_up,
+                           log_tail=() if given_up else tuple(self.ssh.tail(master.instance_id)),
+                           fault=_blame(fault for _, fault, _ in errors))
         return Outcome(ok=True, value=table, seconds=seconds)
 
     def host_table(self, master: Node, members: Sequence[Node]) -> list[list[str]]:

@@ -82,6 +82,9 @@ class NodeWorker(Protocol):
 
     def idle_probe(self, master: Node) -> str: ...
 
+    # Optional: `begin_pass(self) -> None`, called first in every pass, for a worker that
+    # remembers within a pass which nodes it gave up on (provision.Provisioner).
+
 
 @dataclass
 class ActionResult:
@@ -173,6 +176,8 @@ def run_pass(config: Config, ec2: Ec2Gateway, nodes: NodeWorker | None, *,
              now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> PassReport:
     """Observe, plan and (unless dry_run) apply one pass."""
     moment = now()
+    if nodes is not None and hasattr(nodes, "begin_pass"):
+        nodes.begin_pass()
     cluster = observe(config, ec2, moment)
     notes: list[ActionResult] = []
     asleep = False
@@ -258,6 +263,9 @@ class _Applier:
         self.joined = {i: n.tags.get(TAG_JOINED) for i, n in self.by_id.items()}
         self.join_records = dict(cluster.desired.joins)
         self.settings_changed: set[str] = set()
+        #: nodes whose failure was counted in this pass (a node failing in two steps,
+        #: e.g. given up in one and skipped in the next, counts once)
+        self.counted: set[str] = set()
         self.digests = desired
         self.join_suffix = cluster.desired.join_suffix
 
@@ -393,8 +401,10 @@ class _Applier:
                     if k not in (TAG_FAILURES, TAG_UNREACHABLE)})
         counted: dict[str, dict[str, str]] = {}
         for instance_id, outcome in outcomes.items():
-            if outcome.ok or getattr(outcome, "fault", "node") != "node":
+            if outcome.ok or getattr(outcome, "fault", "node") != "node" \
+                    or instance_id in self.counted:
                 continue
+            self.counted.add(instance_id)
             node = self.by_id[instance_id]
             try:
                 failures = int(node.tags.get(TAG_FAILURES, "0")) + 1

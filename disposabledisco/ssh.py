@@ -17,8 +17,13 @@ What it gives the rest of the tool:
   host-key refusal), which decides whether it counts toward replacing the node;
 * every command, its exit status and its output appended to ``LOG_DIR/<instance>.log``
   (output of ``secret=True`` calls and registered secret values never written);
-* :meth:`SshGateway.run_parallel` — a bounded pool where each target has its own
-  deadline, so a slow or dead node never blocks or fails the others.
+* :meth:`SshGateway.run_parallel` — a pool as wide as the nodes that need work (up to
+  ``SSH_CONCURRENCY``, within the open-file limit, which it raises when it can) where
+  each target has its own deadline, so a slow or dead node never blocks or fails the
+  others;
+* in-pass memory of the nodes it gave up on (:meth:`SshGateway.begin_pass`): a node that
+  stopped answering costs one deadline per pass, and later steps of the same pass fail it
+  at once with :class:`GivenUp` instead of waiting for it again.
 
 Errors are :class:`SshError` subclasses whose message is one line naming the instance id
 and address.
@@ -32,6 +37,7 @@ import os
 import posixpath
 import random
 import re
+import resource
 import secrets as _secrets
 import select
 import shlex
@@ -61,6 +67,7 @@ __all__ = [
     "CommandTimeout",
     "ConnectionLost",
     "FileTransferFailed",
+    "GivenUp",
     "HostKeyMismatch",
     "HostKeyUnverified",
     "Outcome",
@@ -91,6 +98,11 @@ EXIT_TAMPER = 77
 #: and "tamper" (a link or FIFO planted in the Disco user's files: same, and a fresh node
 #: running the same jobs could be planted again) never do.
 FAULTS = ("node", "config", "hostkey", "tamper")
+#: file descriptors one node in flight may hold: its socket, the pipe paramiko makes to
+#: wait on a channel (two ends), and one spare (SFTP, its log file being appended)
+FDS_PER_NODE = 4
+#: file descriptors kept free for everything else of this process (state files, EC2 calls)
+FD_RESERVE = 64
 #: how the node scripts' `die` starts its one line (templates/lib.sh)
 SCRIPT_ERROR_PREFIX = "disposabledisco: ERROR: "
 
@@ -124,7 +136,9 @@ class SshSettings:
     key_file: str | None = None
     connect_timeout: float = 10.0
     deadline_seconds: float = 600.0
-    concurrency: int = 32
+    #: nodes worked on at once; node work is waiting on the node (apt, boot), not our CPU,
+    #: so the pool is as wide as the nodes that need work, up to this
+    concurrency: int = 1024
     log_dir: str | os.PathLike[str] | None = None
     #: default timeout of one command (None: no limit; run_parallel's timeout still holds)
     command_timeout: float | None = None
@@ -176,6 +190,9 @@ class Outcome(Generic[T]):
     exception: BaseException | None = field(default=None, repr=False, compare=False)
     #: who is to blame when not ok: one of FAULTS (see fault_of)
     fault: str = "node"
+    #: failed only because the node was given up earlier in this pass (GivenUp): that
+    #: earlier failure was reported and counted, this one must not be counted again
+    given_up: bool = False
 
 
 def fault_of(exc: BaseException | None) -> str:
@@ -215,6 +232,13 @@ class Unreachable(SshError):
 
 class AuthenticationFailed(Unreachable):
     """sshd answered but never accepted our key before the deadline."""
+
+
+class GivenUp(Unreachable):
+    """The node was given up earlier in this pass (it stopped answering): failed at once,
+    without a new connection attempt, and already reported and counted then."""
+
+    given_up = True
 
 
 class HostKeyMismatch(SshError):
@@ -358,6 +382,39 @@ class _VerifyingPolicy(paramiko.MissingHostKeyPolicy):
                         self.target.address, offered.fingerprint)
 
 
+# ---------------------------------------------------------------------------- pool
+def pool_size(concurrency: int, nodes: int) -> int:
+    """How many of ``nodes`` are worked on at once: all of them up to ``concurrency``
+    (node work waits on the nodes, so one wave is as fast as one node), within what the
+    open-file limit allows, which is raised first as far as its hard limit lets it."""
+    wanted = max(1, min(concurrency, nodes))
+    in_use = _open_files()
+    need = in_use + FD_RESERVE + wanted * FDS_PER_NODE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    if soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    fits = max(1, (soft - in_use - FD_RESERVE) // FDS_PER_NODE)
+    if fits < wanted:
+        log.warning("the open-file limit (%d) lets only %d of %d nodes be worked on at once; "
+                    "raise it (ulimit -n %d) for one wave", soft, fits, wanted, need)
+    return min(wanted, fits)
+
+
+def _open_files() -> int:
+    """File descriptors this process holds now (0 where the system cannot tell)."""
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return len(os.listdir(folder))
+    return 0
+
+
 # ---------------------------------------------------------------------------- gateway
 class SshGateway:
     """Opens sessions to instances and runs work on many of them in parallel."""
@@ -374,6 +431,8 @@ class SshGateway:
         self._sessions_opened = 0
         self._commands_run = 0
         self._connect_attempts = 0
+        #: instance id -> why it was given up, for the rest of this pass (begin_pass)
+        self._given_up: dict[str, str] = {}
 
     # -- counters (thread-safe; for tests and benchmarks)
     @property
@@ -391,6 +450,29 @@ class SshGateway:
     def _count(self, name: str) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + 1)
+
+    # -- nodes given up in this pass
+    def begin_pass(self) -> None:
+        """A new pass: every node gets its chance again (a node given up in the last pass
+        may be back, and the pass after a failure is where its failures are counted)."""
+        with self._lock:
+            self._given_up.clear()
+
+    def give_up(self, target: Target, reason: str) -> None:
+        """Remember for the rest of the pass that ``target`` stopped answering: later
+        steps fail it at once (GivenUp) instead of spending another deadline on it."""
+        prefix = f"{target.instance_id} ({target.address}): "
+        reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+        with self._lock:
+            first = target.instance_id not in self._given_up
+            self._given_up.setdefault(target.instance_id, reason)
+        if first:
+            self._log(target, [f"GIVEN UP for the rest of this pass: {reason}"])
+
+    def given_up(self) -> dict[str, str]:
+        """The nodes given up in this pass and why (instance id -> reason)."""
+        with self._lock:
+            return dict(self._given_up)
 
     # -- secrets and logs
     def redact(self, *values: str) -> None:
@@ -463,6 +545,10 @@ class SshGateway:
         :class:`AuthenticationFailed`, :class:`HostKeyUnverified`) at the deadline and
         :class:`HostKeyMismatch` at once."""
         budget = self.settings.deadline_seconds if deadline_seconds is None else deadline_seconds
+        with self._lock:
+            reason = self._given_up.get(target.instance_id)
+        if reason is not None:
+            raise GivenUp(target, f"given up earlier in this pass, not tried again: {reason}")
         try:
             pkey = self._private_key()
         except SshError as exc:
@@ -522,7 +608,9 @@ class SshGateway:
                 break
         if self._closing.is_set():
             raise Unreachable(target, "gave up connecting: the SSH gateway was closed")
-        raise kind(target, f"no SSH session within {budget:g} s ({attempt} attempts): {last}")
+        message = f"no SSH session within {budget:g} s ({attempt} attempts): {last}"
+        self.give_up(target, message)
+        raise kind(target, message)
 
     def _open(self, target: Target, pkey: paramiko.PKey | None,
               timeout: float) -> paramiko.SSHClient:
@@ -594,9 +682,14 @@ class SshGateway:
                     value = fn(session)
                 return Outcome(ok=True, value=value, seconds=time.monotonic() - started)
             except Exception as exc:
+                if isinstance(exc, GivenUp):
+                    self._log(target, [f"SKIPPED: {exc}"])
+                    return Outcome(ok=False, error=self._redact(str(exc)), exception=exc,
+                                   given_up=True)
                 if target.instance_id in expired:
                     error = f"{target.instance_id} ({target.address}): gave up after " \
                             f"{timeout:g} s (per-node deadline)"
+                    self.give_up(target, error)
                 elif isinstance(exc, SshError):
                     error = str(exc)
                 else:
@@ -612,7 +705,7 @@ class SshGateway:
                     live.pop(target.instance_id, None)
 
         results: dict[str, Outcome[T]] = {}
-        workers = max(1, min(self.settings.concurrency, len(targets)))
+        workers = pool_size(self.settings.concurrency, len(targets))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ssh") as pool:
             futures: dict[Future[Outcome[T]], Target] = {
                 pool.submit(work, t): t for t in targets}
@@ -681,9 +774,21 @@ class Session:
         self.gateway._log(self.target, lines)
 
     def _lost(self, what: str, exc: BaseException | None = None) -> ConnectionLost:
+        """The session died under us: the node is given up for the rest of the pass,
+        unless we closed the session ourselves."""
         why = "session closed" if self._closed else (
             _describe(exc) if exc is not None else "connection lost")
-        return ConnectionLost(self.target, f"{what}: {why}")
+        lost = ConnectionLost(self.target, f"{what}: {why}")
+        if not self._closed:
+            self.gateway.give_up(self.target, str(lost))
+        return lost
+
+    def _timed_out(self, timeout: float | None) -> CommandTimeout:
+        """A command that outlived its timeout: the node no longer answers in time, so it
+        is given up for the rest of the pass."""
+        error = CommandTimeout(self.target, f"command timed out after {timeout:g} s")
+        self.gateway.give_up(self.target, str(error))
+        return error
 
     # -- commands
     def run(
@@ -784,6 +889,10 @@ class Session:
             feed()
         out, err = bytearray(), bytearray()
         end = None if timeout is None else started + timeout
+        # poll, not select: select() fails on descriptors above 1023, which a pool of
+        # hundreds of nodes reaches
+        poller = select.poll()
+        poller.register(chan.fileno(), select.POLLIN)
         while True:
             if chan.recv_ready():
                 out += chan.recv(65536)
@@ -795,13 +904,13 @@ class Session:
                 break
             wait = 1.0 if end is None else min(1.0, end - time.monotonic())
             if wait <= 0:
-                raise CommandTimeout(self.target, f"command timed out after {timeout:g} s")
-            select.select([chan], [], [], wait)
+                raise self._timed_out(timeout)
+            poller.poll(wait * 1000)
         # exit-status may follow the end of output by a moment
         while not chan.exit_status_ready() and not chan.closed:
             wait = 5.0 if end is None else end - time.monotonic()
             if wait <= 0:
-                raise CommandTimeout(self.target, f"command timed out after {timeout:g} s")
+                raise self._timed_out(timeout)
             chan.status_event.wait(min(wait, 1.0))
         if feeder is not None:
             feeder.join(timeout=1)

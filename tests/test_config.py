@@ -142,7 +142,7 @@ def test_defaults_apply_to_a_minimal_config():
     assert c["INSTANCE_TYPE"] == "m5.large"
     assert c["MAX_BID"] == 0.1 and isinstance(c["MAX_BID"], float)
     assert c.tag_key == "disco-minimal"
-    assert c["SSH_USER"] == "ubuntu" and c["SSH_PORT"] == 22 and c["SSH_CONCURRENCY"] == 32
+    assert c["SSH_USER"] == "ubuntu" and c["SSH_PORT"] == 22 and c["SSH_CONCURRENCY"] == 1024
     assert c["MASTER_MARKET"] == "spot" and c["SPOT_REQUEST_TYPE"] == "one-time"
     assert c["SPOT_OPEN_TIMEOUT_MINUTES"] == 10 and c["UNRESPONSIVE_MINUTES"] == 15
     assert c["HOST_KEY_POLICY"] == "pin" and c["DISCO_INSTALL"] == "preinstalled"
@@ -441,7 +441,7 @@ BAD = [
     ("security groups not list", {"SECURITY_GROUPS": "default"}, "SECURITY_GROUPS", "list"),
     ("security groups repeat", {"SECURITY_GROUPS": ["a", "a"]}, "SECURITY_GROUPS",
      "without duplicates"),
-    ("ssh concurrency", {"SSH_CONCURRENCY": 0}, "SSH_CONCURRENCY", "from 1 to 256"),
+    ("ssh concurrency", {"SSH_CONCURRENCY": 0}, "SSH_CONCURRENCY", "from 1 to 4096"),
     ("spot timeout", {"SPOT_OPEN_TIMEOUT_MINUTES": 0}, "SPOT_OPEN_TIMEOUT_MINUTES",
      "from 1 to 10080"),
     ("boolean", {"MANAGE_HOSTS_FILE": "yes"}, "MANAGE_HOSTS_FILE", "true or false"),

@@ -26,6 +26,7 @@ from disposabledisco.ssh import (
     AuthenticationFailed,
     CommandFailed,
     CommandTimeout,
+    GivenUp,
     HostKeyMismatch,
     HostKeyUnverified,
     SshError,
@@ -567,6 +568,9 @@ def test_killed_sshd_is_reported_not_hung(
         session.run("true", timeout=5)
     session.close()
     node_farm.restart_sshd(node.instance_id)
+    with pytest.raises(GivenUp):  # given up for the rest of this pass
+        gateway.connect(target(node))
+    gateway.begin_pass()
     with gateway.connect(target(node)) as again:
         assert again.run("true").ok
 
