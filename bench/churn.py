@@ -20,6 +20,7 @@ must never exceed 1 + N.
 
     python bench/churn.py [--slaves 20] [--interruption-rate 0.1] [--time-scale 1 3]
                           [--seeds 1 2 3] [--ec2-only] [--timeout 240]
+                          [--launch-api spot-requests fleet]
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Result:
     scale: float
     seed: int
     ssh_deadline: int
+    launch_api: str = "spot-requests"
     failed_passes: int = 0
     converged: bool = False
     passes: int = 0
@@ -131,13 +133,13 @@ class Churn:
 
 
 def run_one(lab: FaultLab, mode: str, slaves: int, rate: float, scale: float, seed: int,
-            timeout: float, ssh_deadline: int) -> Result:
-    result = Result(mode, slaves, rate, scale, seed, ssh_deadline)
-    case = lab.case(f"churn-{mode}-{scale:g}-{seed}", slaves=slaves, seed=seed, tick=0,
-                    fulfil_delay=FULFIL_DELAY, interruption_rate=rate)
+            timeout: float, ssh_deadline: int, launch_api: str) -> Result:
+    result = Result(mode, slaves, rate, scale, seed, ssh_deadline, launch_api)
+    case = lab.case(f"churn-{mode}-{launch_api}-{scale:g}-{seed}", slaves=slaves, seed=seed,
+                    tick=0, fulfil_delay=FULFIL_DELAY, interruption_rate=rate)
     # a node interrupted between observe and connect is retried this long by a pass
     case.write_config(NUM_SLAVES=slaves, SSH_DEADLINE_SECONDS=ssh_deadline,
-                      SSH_CONCURRENCY=16)
+                      SSH_CONCURRENCY=16, LAUNCH_API=launch_api)
     calls: Counter = Counter()
     lock = threading.Lock()
 
@@ -207,13 +209,15 @@ def ec2_only_passes(case: Case, slaves: int, timeout: float) -> list:
 
 
 def table(results: list[Result]) -> str:
-    head = ["mode", "slaves", "interruptions per sim. min", "time scale (sim s / wall s)",
+    head = ["mode", "LAUNCH_API", "slaves", "interruptions per sim. min",
+            "time scale (sim s / wall s)",
             "SSH deadline s", "seed", "passes (failed)", "reconciler runs", "EC2 calls",
             "wall s", "simulated s", "interrupted", "instances launched",
             "peak live (events / sampled / after passes)", "converged"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
-        cells = [r.mode, r.slaves, f"{r.rate:.0%}", f"{r.scale:g}", r.ssh_deadline, r.seed,
+        cells = [r.mode, r.launch_api, r.slaves, f"{r.rate:.0%}", f"{r.scale:g}",
+                 r.ssh_deadline, r.seed,
                  f"{r.passes} ({r.failed_passes})", r.runs,
                  sum(r.calls.values()), f"{r.wall:.0f}", f"{r.simulated:.0f}",
                  r.interruptions, r.launched,
@@ -223,7 +227,8 @@ def table(results: list[Result]) -> str:
     lines = [*rows, "", "EC2 calls by action:", ""]
     for r in results:
         detail = ", ".join(f"{k} {v}" for k, v in sorted(r.calls.items()))
-        lines.append(f"- {r.mode}, scale {r.scale:g}, SSH deadline {r.ssh_deadline} s, "
+        lines.append(f"- {r.mode}, {r.launch_api}, scale {r.scale:g}, "
+                     f"SSH deadline {r.ssh_deadline} s, "
                      f"seed {r.seed}: {detail}")
     return "\n".join(lines)
 
@@ -243,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ssh-deadline", type=int, default=30,
                         help="SSH_DEADLINE_SECONDS of the config (product default 300)")
     parser.add_argument("--workdir", help="keep configs, traces and node logs here")
+    parser.add_argument("--launch-api", nargs="+", default=["spot-requests"],
+                        choices=["spot-requests", "fleet"],
+                        help="LAUNCH_API of the config (one set of runs per value)")
     args = parser.parse_args(argv)
     mode = "nodes"
     why = skip_reason()
@@ -252,12 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="churn-") as tmp, \
             FaultLab(Path(args.workdir or tmp), nodes=mode == "nodes") as lab:
-        for scale in args.time_scale:
-            for seed in args.seeds:
-                result = run_one(lab, mode, args.slaves, args.interruption_rate, scale,
-                                 seed, args.timeout, args.ssh_deadline)
-                results.append(result)
-                print(f"scale {scale:g} seed {seed}: {result}", file=sys.stderr)
+        for launch_api in args.launch_api:
+            for scale in args.time_scale:
+                for seed in args.seeds:
+                    result = run_one(lab, mode, args.slaves, args.interruption_rate, scale,
+                                     seed, args.timeout, args.ssh_deadline, launch_api)
+                    results.append(result)
+                    print(f"{launch_api} scale {scale:g} seed {seed}: {result}",
+                          file=sys.stderr)
     print(table(results))
     worst = max(max(r.peak_events, r.peak_sampled, r.peak_passes) for r in results)
     if worst > 1 + args.slaves:
