@@ -123,8 +123,9 @@ class _KillMasterBeforeJoin:
         self.farm.kill_sshd(master.instance_id)
         return self._timed("join", lambda: self.inner.join(master, slaves))
 
-    def apply_membership(self, master: Any, members: list[Any]) -> Any:
-        return self._timed("membership", lambda: self.inner.apply_membership(master, members))
+    def apply_membership(self, master: Any, members: list[Any], drain: bool = False) -> Any:
+        return self._timed("membership",
+                           lambda: self.inner.apply_membership(master, members, drain=drain))
 
     def idle_probe(self, master: Any) -> str:
         return self.inner.idle_probe(master)
