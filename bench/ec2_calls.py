@@ -154,7 +154,7 @@ class Worker:
     def join(self, master: Any, slaves: list[Any]) -> dict[str, Any]:
         return self._done(slaves)
 
-    def apply_membership(self, master: Any, members: list[Any]) -> Any:
+    def apply_membership(self, master: Any, members: list[Any], drain: bool = False) -> Any:
         self.steps += 1
         return _Ok()
 
