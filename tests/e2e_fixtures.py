@@ -163,6 +163,9 @@ def _e2e_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2eEnv]:
 
     try:
         endpoint.start()
+        # moto's state is process-wide: a module right after another e2e module would see
+        # its instances (and the market, seeded alike, makes the same ids again)
+        endpoint.reset()
         market.background(TICK_SECONDS)
         yield E2eEnv(new_config, endpoint.client(), farm, market, endpoint)
     finally:
