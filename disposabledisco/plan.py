@@ -248,14 +248,17 @@ def _give_up_stuck_bids(draft: _Draft) -> None:
     else it waits out SPOT_OPEN_TIMEOUT_MINUTES as any open bid). One found only after
     that timeout parks its pool too."""
     minutes = draft.config.get("CAPACITY_PARK_MINUTES") or 0
+    if minutes <= 0:
+        return
     for node in draft.cluster.nodes:
-        if minutes > 0 and node.request_state == "open" and node.status_code in CAPACITY_CODES:
-            if node.is_live:  # else open too long: _clean_up_dead cancels it already
-                draft.remove(node)
-            pool = node_pool(draft.config, node)
-            draft.parks[pool] = node.status_code
-            draft.parked[pool] = Park(pool, draft.now + timedelta(minutes=minutes),
-                                      node.status_code)
+        if node.request_state != "open" or node.status_code not in CAPACITY_CODES:
+            continue
+        if node.is_live:  # else open too long: _clean_up_dead cancels it already
+            draft.remove(node)
+        pool = node_pool(draft.config, node)
+        draft.parks[pool] = node.status_code
+        draft.parked[pool] = Park(pool, draft.now + timedelta(minutes=minutes),
+                                  node.status_code)
 
 
 def unresponsive(config: Config, node: Node, now: datetime) -> bool:
