@@ -121,6 +121,20 @@ def test_an_open_bid_stuck_in_a_capacity_status_is_cancelled_and_its_pool_parked
     assert slave_launches(the_plan) == [(1, ((M5, B),))]  # re-bid elsewhere in this pass
 
 
+@pytest.mark.parametrize(("settings", "pool"), [
+    ({"SUBNET_ID": [A, B]}, (M5, A)),
+    ({"SUBNET_ID": None, "AVAILABILITY_ZONE": "us-east-1b"}, (M5, "us-east-1b")),
+    ({"SUBNET_ID": None}, (M5, "")),
+])
+def test_a_stuck_bid_parks_its_pool_named_as_the_config_names_places(settings, pool):
+    """EC2 reports a bid's subnet and zone both; the parked pool must use the place the
+    config launches by, else the park never matches a pool the planner chooses from."""
+    cfg = config(**settings, NUM_SLAVES=1, CAPACITY_PARK_MINUTES=30)
+    stuck = node(state="open", minutes_old=2, subnet_id=A, zone="us-east-1b",
+                 status_code="capacity-not-available", instance=False, request_state="open")
+    assert plan(cfg, converged(cfg, [stuck]), NOW).parks == ((pool, "capacity-not-available"),)
+
+
 # -- the park book -------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("age_minutes", "parked"), [(0, True), (29, True), (30, False),
