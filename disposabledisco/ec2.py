@@ -29,7 +29,7 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from .cluster import TAG_GROUP, ownership
+from .cluster import TAG_GROUP, _mapping, ownership
 from .config import Config
 from .pools import CAPACITY_CODES, Pool
 
@@ -510,10 +510,6 @@ def _error_pool(error: Mapping) -> Pool:
     override = _mapping(both.get("Overrides"))
     place = override.get("SubnetId") or override.get("AvailabilityZone") or ""
     return (str(override.get("InstanceType") or ""), str(place))
-
-
-def _mapping(value: Any) -> Mapping:
-    return value if isinstance(value, Mapping) else {}
 
 
 def _hint(config: Config, code: str) -> str:
