@@ -16,9 +16,7 @@ Registered from ``tests/conftest.py`` (``pytest_plugins``). The fault suite
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import io
 import json
 import os
 import shlex
@@ -39,6 +37,7 @@ from disposabledisco.sandbox.endpoint import DUMMY_KEY_ID, DUMMY_SECRET, LocalEc
 from disposabledisco.sandbox.market import MarketEvent, SpotMarket
 from disposabledisco.sandbox.nodes import NodeFarm, generate_ed25519_key, port_open
 from disposabledisco.sandbox.run import SANDBOX_PACKAGES
+from tests.cli_capture import cli as run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = REPO / "tests" / "fault_runner.py"
@@ -411,10 +410,8 @@ class Case:
 
 def in_process(argv: list[str]) -> tuple[int, str]:
     """Run the CLI in this process (cheap for read-only commands), output captured."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
-    return code, out.getvalue() + err.getvalue()
+    code, out, err = run_cli(*argv)
+    return code, out + err
 
 
 class FaultLab:

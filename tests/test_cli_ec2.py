@@ -16,6 +16,7 @@ from pathlib import Path
 from disposabledisco.cli import main
 from disposabledisco.config import load_config
 from disposabledisco.lock import cluster_lock
+from tests.cli_capture import cli
 
 REPO = Path(__file__).resolve().parents[1]
 MUTATING = {"RequestSpotInstances", "RunInstances", "CreateTags", "CancelSpotInstanceRequests",
@@ -51,13 +52,9 @@ def converge_ec2(path) -> None:
 
 
 def _json_up(path) -> str:
-    from contextlib import redirect_stdout
-    from io import StringIO
-    out = StringIO()
-    with redirect_stdout(out):
-        code = up(path, "--json")
-    assert code == 10, out.getvalue()
-    return out.getvalue()
+    code, out, err = cli("up", str(path), "--ec2-only", "--json")
+    assert code == 10, out + err
+    return out
 
 
 def test_empty_account_to_master_and_three_slaves(ec2_env, write_config, calls):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import io
 import json
 import os
 import re
@@ -22,19 +21,19 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from disposabledisco import bootstrap, provision
-from disposabledisco.cli import main
 from disposabledisco.cluster import Cluster, Node
 from disposabledisco.config import load_config
 from disposabledisco.disco import HOSTS_BEGIN, HOSTS_END, short_name
 from disposabledisco.ec2 import Ec2Gateway
 from disposabledisco.reconcile import observe
 from disposabledisco.ssh import SshGateway
+from tests.cli_capture import cli
 from tests.e2e_fixtures import ClusterConfig, E2eEnv, terminate_cluster
 
 pytestmark = pytest.mark.nodes
@@ -63,14 +62,6 @@ DEAD_NODE_DEADLINE = 8.0
 
 
 # ------------------------------------------------------------------------------ helpers
-def cli(*argv: str) -> tuple[int, str, str]:
-    """Run the real CLI in this process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
 def observe_cluster(cfg: ClusterConfig) -> Cluster:
     config = load_config(cfg.path)
     return observe(config, Ec2Gateway(config))
