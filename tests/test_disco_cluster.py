@@ -265,7 +265,7 @@ def test_a_slave_interrupted_mid_job(e2e: E2eEnv, converged: Converged) -> None:
     assert job.counts == expected_counts(texts)
     print(f"\nword count with a slave interrupted mid-job: {job.seconds:.1f} s; "
           f"{job.line}; map tasks done on {sorted(job.ran_on)}; "
-          f"{regenerations(converged, 'interrupted')}")
+          f"{waited_line(regenerations(converged, 'interrupted'))}")
 
     code, out, err = cli("up", str(converged.cfg.path), "--wait", "--timeout", str(UP_TIMEOUT))
     assert code == 0, out + err
@@ -280,13 +280,16 @@ def test_a_slave_interrupted_mid_job(e2e: E2eEnv, converged: Converged) -> None:
     print(f"interrupted slave: job, replacement, job on it: {time.monotonic() - started:.1f} s")
 
 
-def regenerations(done: Converged, name: str) -> str:
+def regenerations(done: Converged, name: str) -> list[str]:
     """Disco's events (with our job_coordinator fix) for tasks of job `name` that waited
     for tasks re-run because their outputs were only on hosts that left: the proof that a
     run took the path of the hang it used to have."""
     seen = on_master(done, f"disco events \"$(disco jobs | grep -m 1 '^{name}@')\"")
-    waits = [json.loads(line)[2] for line in seen.stdout.splitlines()
-             if line.startswith("[") and "hosts that left the cluster" in line]
+    return [json.loads(line)[2] for line in seen.stdout.splitlines()
+            if line.startswith("[") and "hosts that left the cluster" in line]
+
+
+def waited_line(waits: list[str]) -> str:
     return f"{len(waits)} task(s) waited for lost outputs to be remade: {waits}"
 
 
@@ -392,7 +395,8 @@ def test_scale_up_then_down_while_disco_runs(e2e: E2eEnv, converged: Converged) 
     result = down.job.result()  # hung before disco_fixes re-ran the lost hosts' tasks
     assert result.counts == expected_counts(down.texts)
     print(f"4 -> 2 slaves while a job runs: {down.seconds:.1f} s; {result.line}; "
-          f"map tasks on {sorted(result.ran_on)}; {regenerations(converged, 'drainto2')}")
+          f"map tasks on {sorted(result.ran_on)}; "
+          f"{waited_line(regenerations(converged, 'drainto2'))}")
 
 
 def assert_drained(down: ScaleDown, master: Node, leaving: list[Node]) -> None:
