@@ -61,7 +61,11 @@ class AppliedTable(list[list[str]]):
     waits until Disco has no active job (`restart_pending`)."""
 
     note: str = ""
-    restart_pending: bool = False
+
+    @property
+    def restart_pending(self) -> bool:
+        """Derived from the note, so the two can never disagree."""
+        return RESTART_PENDING in self.note
 
 
 class Provisioner:
@@ -216,7 +220,6 @@ class Provisioner:
             errors.append((str(error), fault_of(error), isinstance(error, GivenUp)))
         else:
             table.note = "; ".join(line for line in said if line.startswith(DISCO_NOTES))
-            table.restart_pending = any(line.startswith(RESTART_PENDING) for line in said)
         seconds = time.monotonic() - started
         if errors:
             given_up = all(g for _, _, g in errors)  # all reported earlier in this pass

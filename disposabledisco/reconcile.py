@@ -373,11 +373,12 @@ class _Applier:
             self.ec2.tag(untagged, {TAG_JOINED: value})
         self.joined.update(dict.fromkeys(done, value))
 
-    def _is_joined(self, master_id: str, slave_id: str) -> bool:
-        """Joined, with the pin as it is now (this pass may just have pinned it)."""
-        pin = pin_digests(self.config, [slave_id]).get(slave_id)
-        return is_joined(self.joined.get(slave_id), self.join_records.get(slave_id),
-                         master_id, self.join_suffix, pin)
+    def _joined_to(self, master_id: str, slave_ids: list[str]) -> list[str]:
+        """Those of these slaves joined to this master, with the pins as they are now
+        (this pass may just have pinned them): one pin lookup for all of them."""
+        pins = pin_digests(self.config, slave_ids)
+        return [i for i in slave_ids if is_joined(self.joined.get(i), self.join_records.get(i),
+                                                  master_id, self.join_suffix, pins.get(i))]
 
     def _record_failures(self, outcomes: dict[str, NodeOutcome]) -> None:
         """Count failures in tags, so a node that never works is replaced after a while.
@@ -455,9 +456,9 @@ class _Applier:
         elif action.master_id not in self.bootstrapped:
             return ActionResult(action, True, "master not bootstrapped yet", skipped=True)
         else:
-            slaves = [self.by_id[i] for i in action.member_ids if i != action.master_id
-                      and i in self.bootstrapped
-                      and self._is_joined(action.master_id, i)]
+            slaves = [self.by_id[i] for i in self._joined_to(action.master_id, [
+                i for i in action.member_ids
+                if i != action.master_id and i in self.bootstrapped])]
         digest = membership_digest(master, slaves, multipliers(self.config))
         # A master whose bootstrap in this pass wrote new settings (replica counts, ...)
         # has a running Disco that has not read them, and one whose restart waited for a

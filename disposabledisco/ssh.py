@@ -238,8 +238,6 @@ class GivenUp(Unreachable):
     """The node was given up earlier in this pass (it stopped answering): failed at once,
     without a new connection attempt, and already reported and counted then."""
 
-    given_up = True
-
 
 class HostKeyMismatch(SshError):
     """The host key was refused (changed since pinned, or not the one in the console)."""

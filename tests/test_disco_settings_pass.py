@@ -47,7 +47,6 @@ class SettingsWorker(FakeWorker):
         outcome = super().apply_membership(master, members, drain)
         table = AppliedTable([["ip-10-0-0-1", "2"]])
         if not drain:
-            table.restart_pending = self.job_running
             table.note = PENDING if self.job_running else RESTARTED
         outcome.value = table
         return outcome
