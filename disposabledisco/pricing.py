@@ -191,11 +191,9 @@ def _read_cache(config: Config) -> dict[str, Any]:
     """The cached answers; empty when there is none, it is damaged or unsafe to read (the
     prices are then asked again, never read through a planted link)."""
     try:
-        data = statefiles.read_bytes(config.state_dir / CACHE_FILE)
-        cache = json.loads(data) if data else {}
-    except (statefiles.StateFileError, OSError, ValueError):
+        return statefiles.read_json_object(config.state_dir / CACHE_FILE)
+    except (statefiles.StateFileError, OSError):
         return {}
-    return cache if isinstance(cache, dict) else {}
 
 
 def _write_cache(config: Config, cache: Mapping[str, Any]) -> None:

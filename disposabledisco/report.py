@@ -143,7 +143,7 @@ def node_json(node: Node, prices: Prices | None = None,
         "market": node.market, "state": node.state, "reason": node.reason,
         "request_state": node.request_state, "status_code": node.status_code,
         "instance_state": node.instance_state, "bid": node.bid,
-        "spot_price_now": _price_now(node, prices or {}) if node.market == "spot" else None,
+        "spot_price_now": _price_now(node, prices or {}),  # None off spot: no on_demand given
         "on_demand_price": on_demand.prices.get(node.instance_type) if on_demand else None,
         "billed": billed(node),
         "private_ip": node.private_ip, "public_ip": node.public_ip,

@@ -263,3 +263,19 @@ def test_an_unreachable_pricing_endpoint_is_unknown_quickly(write_config, priced
     assert "      on-demand: unknown (pricing API unreachable)" in out, out + err
     assert "GetProducts" not in calls and took < 15, (calls, took)
     print(f"status with an unreachable pricing endpoint: {took:.1f} s")
+
+
+def test_an_on_demand_node_is_priced_from_the_price_list_not_the_spot_prices():
+    """An on-demand node has no spot price (even when its type has one) and costs its
+    on-demand price: the saving for it is nothing."""
+    from disposabledisco.cluster import Node
+    from disposabledisco.report import _price_text, node_json, on_demand_json
+    node = Node("master", "master", "m5.large", market="on-demand", instance_id="i-1",
+                instance_state="running", state="ready")
+    spot = {"m5.large": 0.0312}
+    listed = pricing.OnDemand({"m5.large": 0.096})
+    shown = node_json(node, spot, listed)
+    assert (shown["spot_price_now"], shown["on_demand_price"]) == (None, 0.096)
+    assert _price_text(node, spot, listed) == "0.096/h (on-demand)"
+    against = on_demand_json([(node, 0.096)], listed)
+    assert (against["usd_per_hour"], against["saving_usd_per_hour"]) == (0.096, 0.0)

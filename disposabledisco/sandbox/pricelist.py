@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .market import SpotMarket
+from .market import HttpReply, SpotMarket
 
 PRICING_TARGET = "AWSPriceListService."
 JSON_TYPE = [("Content-Type", "application/x-amz-json-1.1")]
-HttpReply = tuple[int, list[tuple[str, str]], bytes]
 OFFER_TERM = "JRTCKXETXF"  # the code AWS uses for on-demand terms
 RATE = "6YS6EN2CT7"
 #: (attributes that differ from the plain Linux product, price factor, price added)
