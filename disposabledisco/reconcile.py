@@ -82,8 +82,9 @@ class NodeWorker(Protocol):
 
     def idle_probe(self, master: Node) -> str: ...
 
-    # Optional: `begin_pass(self) -> None`, called first in every pass, for a worker that
-    # remembers within a pass which nodes it gave up on (provision.Provisioner).
+    def begin_pass(self) -> None:
+        """Called first in every pass: a worker that remembers which nodes it gave up on
+        forgets them here (provision.Provisioner)."""
 
 
 @dataclass
@@ -176,7 +177,7 @@ def run_pass(config: Config, ec2: Ec2Gateway, nodes: NodeWorker | None, *,
              now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> PassReport:
     """Observe, plan and (unless dry_run) apply one pass."""
     moment = now()
-    if nodes is not None and hasattr(nodes, "begin_pass"):
+    if nodes is not None:
         nodes.begin_pass()
     cluster = observe(config, ec2, moment)
     notes: list[ActionResult] = []

@@ -155,6 +155,10 @@ class FakeWorker:
         self.error: str | None = "connection refused"
         self.calls: list[tuple[str, tuple[str, ...]]] = []
         self.drains: list[tuple[str, ...]] = []  # the members of each table-only drain
+        self.passes = 0  # begin_pass calls
+
+    def begin_pass(self) -> None:
+        self.passes += 1
 
     def _outcome(self, iid: str) -> Outcome:
         if iid in self.failing:
@@ -253,6 +257,25 @@ def test_a_failed_node_fails_the_pass_with_its_log(tmp_path):
     assert not result.ok and result.detail == "0 of 1 done"
     assert result.node_errors == {master: f"{master}: connection refused\nlast log line"}
     assert report.exit_code == reconcile.EXIT_FAILED
+
+
+def test_every_pass_first_lets_the_worker_forget_the_nodes_it_gave_up(tmp_path):
+    """A node given up in one pass is tried again in the next: begin_pass runs first in
+    each pass, before any node work."""
+    cfg, ec2, worker = config(tmp_path), FakeEc2(), FakeWorker()
+    ec2.add_instance("master")
+    seen: list[tuple[int, int]] = []
+    original = worker.bootstrap
+
+    def bootstrap(nodes):
+        seen.append((worker.passes, len(worker.calls)))
+        return original(nodes)
+
+    worker.bootstrap = bootstrap
+    run(cfg, ec2, worker)
+    assert worker.passes == 1 and seen == [(1, 0)]
+    run(cfg, ec2, worker)
+    assert worker.passes == 2
 
 
 def test_dry_run_applies_nothing(tmp_path):
